@@ -1,0 +1,230 @@
+"""Canonical preference pairs: one schema for Pick-a-Pic rows and TRL-style rows.
+
+Every later stage (scoring, selection, training) reads pairs as ``row_id``, ``prompt``, ``chosen``,
+``rejected`` (encoded image bytes) and ``tie``. ``row_id`` is the row's index in the source, so a
+selected subset can be taken from the untouched source rows. Rows that cannot become a pair are
+never lost silently: the map marks them with a ``drop_reason`` and every step reports
+``rows_in = rows_kept + sum(dropped)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+TRL_COLUMNS = ("prompt", "chosen", "rejected")
+PAIR_COLUMNS = ("row_id", "prompt", "chosen", "rejected", "tie", "drop_reason")
+SCHEMAS = {"pickapic": PICKAPIC_COLUMNS, "trl": TRL_COLUMNS}
+
+# Reasons a source row does not become a pair.
+TIE = "tie"
+NO_LABEL = "no_label"
+IDENTICAL_IMAGES = "identical_images"
+INVALID_LABEL = "invalid_label"
+EMPTY_PROMPT = "empty_prompt"
+UNDECODABLE_IMAGE = "undecodable_image"
+
+
+@dataclass
+class RowReport:
+    """Rows in, rows kept and rows dropped per reason for one step; the numbers always add up."""
+
+    step: str
+    rows_in: int
+    rows_kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.dropped = {reason: count for reason, count in sorted(self.dropped.items()) if count}
+        if self.rows_in != self.rows_kept + sum(self.dropped.values()):
+            raise ValueError(f"Row accounting of step {self.step!r} does not add up: {self}")
+
+    @classmethod
+    def from_reasons(cls, step: str, reasons: list[str]) -> RowReport:
+        """Build a report from one drop reason per row, ``""`` meaning kept."""
+        counts = Counter(reasons)
+        kept = counts.pop("", 0)
+        return cls(step=step, rows_in=len(reasons), rows_kept=kept, dropped=dict(counts))
+
+    def __str__(self) -> str:
+        dropped = ", ".join(f"{reason}={count}" for reason, count in self.dropped.items()) or "none"
+        return f"{self.step}: {self.rows_in} in, {self.rows_kept} kept, dropped: {dropped}"
+
+
+def detect_schema(column_names: list[str]) -> str:
+    """Return ``"pickapic"`` or ``"trl"``, or raise a ValueError naming the missing columns."""
+    columns = set(column_names)
+    for name, required in SCHEMAS.items():
+        if set(required) <= columns:
+            return name
+    closest = "pickapic" if "caption" in columns or "jpg_0" in columns else "trl"
+    missing = [column for column in SCHEMAS[closest] if column not in columns]
+    raise ValueError(
+        f"Missing column(s) {missing} for the {closest} schema. Preference data needs either the "
+        f"Pick-a-Pic columns {list(PICKAPIC_COLUMNS)} (optional: label_1, has_label, are_different) or "
+        f"the TRL columns {list(TRL_COLUMNS)}; got {sorted(columns)}."
+    )
+
+
+def load_preference_dataset(
+    source: str | Path, split: str = "train", streaming: bool = False, **load_kwargs: Any
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load raw preference rows from a Hub id, a ``save_to_disk`` directory or parquet file(s)."""
+    path = Path(source)
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+        return dataset.to_iterable_dataset() if streaming else dataset
+    if path.suffix == ".parquet" or (
+        path.is_dir() and not (path / "README.md").exists() and any(path.glob("*.parquet"))
+    ):
+        files = str(path) if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
+        return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+    return datasets.load_dataset(str(source), split=split, streaming=streaming, **load_kwargs)
+
+
+def image_bytes(value: Any) -> bytes | None:
+    """Encoded bytes of an image cell: raw bytes, a ``datasets.Image`` dict or a PIL image."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return Path(value["path"]).read_bytes() if value.get("path") else None
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"Unsupported image value of type {type(value).__name__}")
+
+
+def _is_decodable(data: bytes | None) -> bool:
+    """Cheap check: PIL can identify the format and size from the header."""
+    if not data:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.size  # noqa: B018 - parsing the header is the check
+        return True
+    except Exception:
+        return False
+
+
+def _label_reason(label_0: Any, label_1: Any, has_label: Any, are_different: Any, drop_ties: bool) -> str:
+    if has_label is False:
+        return NO_LABEL
+    if are_different is False:
+        return IDENTICAL_IMAGES
+    if label_0 is None or (isinstance(label_0, float) and math.isnan(label_0)) or label_0 not in (0, 0.5, 1):
+        return INVALID_LABEL
+    if label_1 is not None and label_0 + label_1 != 1:
+        return INVALID_LABEL
+    if label_0 == 0.5 and drop_ties:
+        return TIE
+    return ""
+
+
+def orient_pairs(
+    batch: dict[str, list], indices: list[int], schema: str, drop_ties: bool = True, check_images: bool = True
+) -> dict[str, list]:
+    """Batched map function: source rows -> canonical pairs with a ``drop_reason`` (``""`` if kept).
+
+    Pick-a-Pic's ``label_0`` is 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie.
+    Ties kept with ``drop_ties=False`` keep the source order and are flagged ``tie=True``.
+    """
+    n = len(indices)
+    out: dict[str, list] = {column: [] for column in PAIR_COLUMNS}
+    for i in range(n):
+        if schema == "pickapic":
+            prompt = batch["caption"][i]
+            label_0 = batch["label_0"][i]
+            reason = _label_reason(
+                label_0,
+                batch["label_1"][i] if "label_1" in batch else None,
+                batch["has_label"][i] if "has_label" in batch else None,
+                batch["are_different"][i] if "are_different" in batch else None,
+                drop_ties,
+            )
+            first, second = image_bytes(batch["jpg_0"][i]), image_bytes(batch["jpg_1"][i])
+            chosen, rejected = (second, first) if label_0 == 0 else (first, second)
+            tie = label_0 == 0.5
+        else:
+            prompt, reason, tie = batch["prompt"][i], "", False
+            chosen, rejected = image_bytes(batch["chosen"][i]), image_bytes(batch["rejected"][i])
+        if not reason and (not isinstance(prompt, str) or not prompt.strip()):
+            reason = EMPTY_PROMPT
+        if not reason and check_images and not (_is_decodable(chosen) and _is_decodable(rejected)):
+            reason = UNDECODABLE_IMAGE
+        out["row_id"].append(indices[i])
+        out["prompt"].append(prompt.strip() if isinstance(prompt, str) else "")
+        out["chosen"].append(chosen if not reason else None)
+        out["rejected"].append(rejected if not reason else None)
+        out["tie"].append(bool(tie))
+        out["drop_reason"].append(reason)
+    return out
+
+
+PAIR_FEATURES = datasets.Features(
+    {
+        "row_id": datasets.Value("int64"),
+        "prompt": datasets.Value("string"),
+        "chosen": datasets.Value("binary"),
+        "rejected": datasets.Value("binary"),
+        "tie": datasets.Value("bool"),
+        "drop_reason": datasets.Value("string"),
+    }
+)
+
+
+def _undecoded(dataset: datasets.Dataset | datasets.IterableDataset):
+    """Cast ``datasets.Image`` columns to ``decode=False`` so maps see bytes, not decoded pixels."""
+    features = dataset.features or {}
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+def map_to_pairs(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    drop_ties: bool = True,
+    check_images: bool = True,
+    num_proc: int | None = None,
+    batch_size: int = 256,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Map source rows to canonical pairs, dropped rows included and marked (lazy when streaming)."""
+    schema = detect_schema(list(dataset.column_names or next(iter(dataset)).keys()))
+    function = partial(orient_pairs, schema=schema, drop_ties=drop_ties, check_images=check_images)
+    dataset = _undecoded(dataset)
+    kwargs = (
+        {"num_proc": num_proc, "desc": "Orienting preference pairs"} if isinstance(dataset, datasets.Dataset) else {}
+    )
+    return dataset.map(
+        function,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=PAIR_FEATURES,
+        **kwargs,
+    )
+
+
+def to_preference_pairs(
+    dataset: datasets.Dataset, drop_ties: bool = True, check_images: bool = True, num_proc: int | None = None
+) -> tuple[datasets.Dataset, RowReport]:
+    """Canonical pairs of a map-style dataset, with the report of what was dropped and why."""
+    marked = map_to_pairs(dataset, drop_ties=drop_ties, check_images=check_images, num_proc=num_proc)
+    report = RowReport.from_reasons("to_preference_pairs", marked["drop_reason"])
+    kept = marked.filter(lambda reasons: [not r for r in reasons], input_columns="drop_reason", batched=True)
+    return kept.remove_columns("drop_reason"), report

@@ -1,0 +1,106 @@
+import io
+import math
+
+import datasets
+import pytest
+from PIL import Image
+
+from fifa_hf.data import RowReport, load_preference_dataset, to_preference_pairs
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+RED, BLUE = png("red"), png("blue")
+
+
+def pickapic_rows(**overrides):
+    rows = {
+        "caption": ["a", "b", "c", "d"],
+        "jpg_0": [RED, RED, RED, RED],
+        "jpg_1": [BLUE, BLUE, BLUE, BLUE],
+        "label_0": [1.0, 0.0, 0.5, 1.0],
+    }
+    rows.update(overrides)
+    return datasets.Dataset.from_dict(rows)
+
+
+def test_pickapic_labels_orient_chosen_and_rejected():
+    pairs, report = to_preference_pairs(pickapic_rows())
+    assert pairs["prompt"] == ["a", "b", "d"]
+    assert pairs["chosen"] == [RED, BLUE, RED]
+    assert pairs["rejected"] == [BLUE, RED, BLUE]
+    assert pairs["row_id"] == [0, 1, 3]
+    assert report.dropped == {"tie": 1}
+
+
+def test_ties_can_be_kept_and_are_flagged():
+    pairs, report = to_preference_pairs(pickapic_rows(), drop_ties=False)
+    assert len(pairs) == 4 and report.dropped == {}
+    assert pairs["tie"] == [False, False, True, False]
+
+
+def test_has_label_and_are_different_and_bad_labels_are_dropped_and_counted():
+    rows = pickapic_rows(
+        label_0=[1.0, 0.3, float("nan"), 0.0],
+        label_1=[0.0, 0.7, float("nan"), 0.0],
+        has_label=[False, True, True, True],
+        are_different=[True, True, True, True],
+    )
+    pairs, report = to_preference_pairs(rows)
+    assert len(pairs) == 0
+    assert report.dropped == {"invalid_label": 3, "no_label": 1}
+    rows = pickapic_rows(are_different=[False, True, True, True])
+    assert to_preference_pairs(rows)[1].dropped == {"identical_images": 1, "tie": 1}
+
+
+def test_empty_prompts_and_undecodable_images_are_dropped_not_crashing():
+    rows = pickapic_rows(caption=["", None, "c", "  d "], jpg_0=[RED, RED, b"not an image", RED], label_0=[1.0] * 4)
+    pairs, report = to_preference_pairs(rows)
+    assert pairs["prompt"] == ["d"]
+    assert report.dropped == {"empty_prompt": 2, "undecodable_image": 1}
+    assert report.rows_in == report.rows_kept + sum(report.dropped.values()) == 4
+
+
+def test_trl_rows_with_bytes_pil_or_image_feature():
+    for chosen, rejected in [([RED], [BLUE]), ([Image.open(io.BytesIO(RED))], [Image.open(io.BytesIO(BLUE))])]:
+        rows = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": chosen, "rejected": rejected})
+        pairs, report = to_preference_pairs(rows)
+        assert report.rows_kept == 1
+        assert Image.open(io.BytesIO(pairs[0]["chosen"])).getpixel((0, 0)) == (255, 0, 0)
+    rows = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [RED], "rejected": [BLUE]})
+    rows = rows.cast_column("chosen", datasets.Image()).cast_column("rejected", datasets.Image())
+    assert to_preference_pairs(rows)[0][0]["rejected"] == BLUE
+
+
+def test_missing_caption_or_prompt_names_the_column():
+    with pytest.raises(ValueError, match=r"Missing column\(s\) \['caption'\]"):
+        to_preference_pairs(datasets.Dataset.from_dict({"jpg_0": [RED], "jpg_1": [BLUE], "label_0": [1.0]}))
+    with pytest.raises(ValueError, match=r"Missing column\(s\) \['prompt'\]"):
+        to_preference_pairs(datasets.Dataset.from_dict({"chosen": [RED], "rejected": [BLUE]}))
+
+
+def test_row_report_must_add_up():
+    assert str(RowReport("x", 3, 2, {"tie": 1})) == "x: 3 in, 2 kept, dropped: tie=1"
+    with pytest.raises(ValueError, match="does not add up"):
+        RowReport("x", 3, 1, {"tie": 1})
+
+
+def test_load_from_disk_parquet_and_streaming(tmp_path, synthetic_pickapic):
+    synthetic_pickapic.save_to_disk(tmp_path / "disk")
+    synthetic_pickapic.to_parquet(tmp_path / "rows.parquet")
+    from_disk = load_preference_dataset(tmp_path / "disk")
+    from_parquet = load_preference_dataset(tmp_path / "rows.parquet")
+    assert from_disk["caption"] == from_parquet["caption"] == synthetic_pickapic["caption"]
+    streamed = load_preference_dataset(tmp_path / "rows.parquet", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert next(iter(streamed))["caption"] == synthetic_pickapic[0]["caption"]
+
+
+def test_synthetic_rows_account_for_every_drop(synthetic_pickapic):
+    pairs, report = to_preference_pairs(synthetic_pickapic)
+    assert report.rows_in == len(synthetic_pickapic) == report.rows_kept + sum(report.dropped.values())
+    assert len(pairs) == report.rows_kept and not math.isnan(report.rows_kept)
