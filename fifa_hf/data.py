@@ -135,15 +135,24 @@ def _label_reason(label_0: Any, label_1: Any, has_label: Any, are_different: Any
 
 
 def orient_pairs(
-    batch: dict[str, list], indices: list[int], schema: str, drop_ties: bool = True, check_images: bool = True
+    batch: dict[str, list],
+    indices: list[int],
+    schema: str,
+    drop_ties: bool = True,
+    check_images: bool = True,
+    reward_columns: tuple[str, str] | None = None,
 ) -> dict[str, list]:
     """Batched map function: source rows -> canonical pairs with a ``drop_reason`` (``""`` if kept).
 
     Pick-a-Pic's ``label_0`` is 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie.
     Ties kept with ``drop_ties=False`` keep the source order and are flagged ``tie=True``.
+    ``reward_columns`` (precomputed rewards of image 0/1, or of chosen/rejected for TRL rows) are
+    oriented the same way into ``reward_chosen`` and ``reward_rejected``.
     """
     n = len(indices)
     out: dict[str, list] = {column: [] for column in PAIR_COLUMNS}
+    if reward_columns:
+        out.update(reward_chosen=[], reward_rejected=[])
     for i in range(n):
         if schema == "pickapic":
             prompt = batch["caption"][i]
@@ -156,10 +165,11 @@ def orient_pairs(
                 drop_ties,
             )
             first, second = image_bytes(batch["jpg_0"][i]), image_bytes(batch["jpg_1"][i])
-            chosen, rejected = (second, first) if label_0 == 0 else (first, second)
+            swap = label_0 == 0
+            chosen, rejected = (second, first) if swap else (first, second)
             tie = label_0 == 0.5
         else:
-            prompt, reason, tie = batch["prompt"][i], "", False
+            prompt, reason, tie, swap = batch["prompt"][i], "", False, False
             chosen, rejected = image_bytes(batch["chosen"][i]), image_bytes(batch["rejected"][i])
         if not reason and (not isinstance(prompt, str) or not prompt.strip()):
             reason = EMPTY_PROMPT
@@ -171,6 +181,10 @@ def orient_pairs(
         out["rejected"].append(rejected if not reason else None)
         out["tie"].append(bool(tie))
         out["drop_reason"].append(reason)
+        if reward_columns:
+            rewards = [batch[reward_columns[0]][i], batch[reward_columns[1]][i]]
+            out["reward_chosen"].append(rewards[swap])
+            out["reward_rejected"].append(rewards[not swap])
     return out
 
 
@@ -199,12 +213,22 @@ def map_to_pairs(
     dataset: datasets.Dataset | datasets.IterableDataset,
     drop_ties: bool = True,
     check_images: bool = True,
+    reward_columns: tuple[str, str] | None = None,
     num_proc: int | None = None,
     batch_size: int = 256,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Map source rows to canonical pairs, dropped rows included and marked (lazy when streaming)."""
-    schema = detect_schema(list(dataset.column_names or next(iter(dataset)).keys()))
-    function = partial(orient_pairs, schema=schema, drop_ties=drop_ties, check_images=check_images)
+    columns = list(dataset.column_names or next(iter(dataset)).keys())
+    schema = detect_schema(columns)
+    missing = [column for column in reward_columns or () if column not in columns]
+    if missing:
+        raise ValueError(f"Missing precomputed reward column(s) {missing}; got {sorted(columns)}.")
+    function = partial(
+        orient_pairs, schema=schema, drop_ties=drop_ties, check_images=check_images, reward_columns=reward_columns
+    )
+    features = PAIR_FEATURES.copy()
+    if reward_columns:
+        features.update(reward_chosen=datasets.Value("float64"), reward_rejected=datasets.Value("float64"))
     dataset = _undecoded(dataset)
     kwargs = (
         {"num_proc": num_proc, "desc": "Orienting preference pairs"} if isinstance(dataset, datasets.Dataset) else {}
@@ -215,16 +239,20 @@ def map_to_pairs(
         batch_size=batch_size,
         with_indices=True,
         remove_columns=dataset.column_names,
-        features=PAIR_FEATURES,
+        features=features,
         **kwargs,
     )
 
 
 def to_preference_pairs(
-    dataset: datasets.Dataset, drop_ties: bool = True, check_images: bool = True, num_proc: int | None = None
+    dataset: datasets.Dataset,
+    drop_ties: bool = True,
+    check_images: bool = True,
+    reward_columns: tuple[str, str] | None = None,
+    num_proc: int | None = None,
 ) -> tuple[datasets.Dataset, RowReport]:
     """Canonical pairs of a map-style dataset, with the report of what was dropped and why."""
-    marked = map_to_pairs(dataset, drop_ties=drop_ties, check_images=check_images, num_proc=num_proc)
+    marked = map_to_pairs(dataset, drop_ties, check_images, reward_columns, num_proc=num_proc)
     report = RowReport.from_reasons("to_preference_pairs", marked["drop_reason"])
     kept = marked.filter(lambda reasons: [not r for r in reasons], input_columns="drop_reason", batched=True)
     return kept.remove_columns("drop_reason"), report

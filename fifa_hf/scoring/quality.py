@@ -1,0 +1,272 @@
+"""FiFA signal 2: prompt quality in [0, 1], rated by an LLM (or, offline, a plainly-named heuristic).
+
+The LLM reads one rubric (``QUALITY_RUBRIC``, the single place it is defined; pass ``rubric=`` to
+override) and answers a digit on a 0-9 scale. Quality is computed once per unique prompt and kept
+in a ``ScoreCache``, so re-runs and interrupted runs never ask again for a scored prompt.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from fifa_hf.scoring.cache import ScoreCache
+
+SCALE_MAX = 9
+QUALITY_RUBRIC = """You judge prompts written for a text-to-image model.
+Rate the prompt below from 0 (worst) to 9 (best), considering:
+- clarity and specificity: could an artist tell what to draw?
+- well-formedness: real words in a readable phrase, not random characters, spam or gibberish;
+- harmlessness: harmful, sexual, violent or hateful prompts get 0.
+Answer with a single digit and nothing else.
+
+Prompt: {prompt}"""
+
+
+@dataclass
+class QualityResult:
+    """Scores of unique prompts (NaN where scoring failed, with the reason) and how many were asked."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    num_cached: int = 0
+    num_scored: int = 0
+
+
+class QualityScorer(abc.ABC):
+    """Scores prompts into [0, 1]; ``identity`` keys the persistent cache."""
+
+    batch_size: int = 32
+
+    @property
+    @abc.abstractmethod
+    def identity(self) -> str: ...
+
+    @abc.abstractmethod
+    def score_batch(self, prompts: list[str]) -> list[tuple[float, str]]:
+        """(score, "") or (NaN, reason) for each prompt."""
+
+    def __call__(self, prompts: Iterable[str], cache: ScoreCache | None = None) -> QualityResult:
+        """Score each unique prompt once, reusing and filling ``cache``."""
+        unique = list(dict.fromkeys(prompts))
+        result = QualityResult()
+        if cache is not None:
+            result.scores.update(cache.get_many(self.identity, unique))
+            result.num_cached = len(result.scores)
+        missing = [p for p in unique if p not in result.scores]
+        for start in range(0, len(missing), self.batch_size):
+            batch = missing[start : start + self.batch_size]
+            fresh = {}
+            for prompt, (score, reason) in zip(batch, self.score_batch(batch)):
+                result.scores[prompt] = score
+                if math.isnan(score):
+                    result.errors[prompt] = reason
+                else:
+                    fresh[prompt] = score
+            result.num_scored += len(batch)
+            if cache is not None and fresh:
+                cache.put_many(self.identity, fresh)
+        return result
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class TransformersQualityScorer(QualityScorer):
+    """A local chat LLM: the score is the probability-weighted mean of the digits 0-9 at the answer.
+
+    One batched forward pass per batch, no sampling: deterministic, continuous and much cheaper than
+    generating. Right padding keeps every prompt's logits independent of the batch it is in.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        rubric: str = QUALITY_RUBRIC,
+        device: str | None = None,
+        dtype: str = "float32",
+        batch_size: int = 32,
+        trust_remote_code: bool = False,
+    ):
+        self.model_name_or_path = str(model_name_or_path)
+        self.rubric = rubric
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.trust_remote_code = trust_remote_code
+        self._loaded: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    @property
+    def identity(self) -> str:
+        return f"transformers:{self.model_name_or_path}:{_digest(self.rubric)}"
+
+    def _load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_name_or_path, dtype=getattr(torch, self.dtype), trust_remote_code=self.trust_remote_code
+        )
+        digits = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(SCALE_MAX + 1)]
+        if len(set(digits)) != len(digits):
+            raise ValueError(f"{self.model_name_or_path}: the digits 0-{SCALE_MAX} are not distinct tokens.")
+        return model.eval().to(self.device), tokenizer, torch.tensor(digits)
+
+    @torch.inference_mode()
+    def score_batch(self, prompts: list[str]) -> list[tuple[float, str]]:
+        if self._loaded is None:
+            self._loaded = self._load()
+        model, tokenizer, digits = self._loaded
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": self.rubric.format(prompt=p)}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        logits = model(**inputs).logits
+        last = inputs["attention_mask"].sum(dim=1) - 1
+        answer = logits[torch.arange(len(prompts)), last][:, digits.to(logits.device)].float()
+        probabilities = answer.softmax(dim=-1)
+        expected = (probabilities * torch.arange(SCALE_MAX + 1, device=probabilities.device)).sum(-1) / SCALE_MAX
+        return [(float(score), "") for score in expected.cpu()]
+
+
+_NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?!\.?\d)")
+
+
+def parse_score(text: str) -> float | None:
+    """The first number in ``text`` on the 0-9 scale, mapped to [0, 1]; None when there is none."""
+    for match in _NUMBER.finditer(text or ""):
+        value = float(match.group(1))
+        if 0 <= value <= SCALE_MAX:
+            return value / SCALE_MAX
+    return None
+
+
+class EndpointQualityScorer(QualityScorer):
+    """An OpenAI-compatible chat endpoint (vLLM, TGI, OpenAI): ``POST {base_url}/chat/completions``.
+
+    Requests run concurrently up to ``concurrency``; each has a ``timeout`` and is retried
+    ``max_retries`` times with exponential backoff on errors and unparseable answers. After the last
+    try the prompt gets NaN and the reason, never a made-up score. The API key is read from the
+    environment variable ``api_key_env`` at call time and never stored or logged. Plain httpx is
+    used rather than ``huggingface_hub.InferenceClient``, which refuses every request (a local vLLM
+    included) when ``HF_HUB_OFFLINE=1``, as it often is on training clusters.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        rubric: str = QUALITY_RUBRIC,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        batch_size: int = 64,
+    ):
+        self.base_url, self.model, self.rubric = base_url, model, rubric
+        self.api_key_env = api_key_env
+        self.concurrency, self.timeout = concurrency, timeout
+        self.max_retries, self.backoff = max_retries, backoff
+        self.batch_size = batch_size
+
+    def __repr__(self) -> str:
+        return f"EndpointQualityScorer(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def identity(self) -> str:
+        return f"endpoint:{self.base_url}:{self.model}:{_digest(self.rubric)}"
+
+    def _ask(self, client: httpx.Client, prompt: str) -> tuple[float, str]:
+        request = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.rubric.format(prompt=prompt)}],
+            "max_tokens": 8,
+            "temperature": 0.0,
+        }
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = client.post(self.base_url.rstrip("/") + "/chat/completions", json=request)
+                response.raise_for_status()
+                text = response.json()["choices"][0]["message"]["content"] or ""
+            except Exception as error:  # network, HTTP, timeout and malformed-JSON errors are all retried
+                reason = f"{type(error).__name__}: {error}"[:200]
+                continue
+            score = parse_score(text)
+            if score is not None:
+                return score, ""
+            reason = f"unparseable answer: {text[:80]!r}"
+        return math.nan, f"failed after {self.max_retries + 1} attempts: {reason}"
+
+    def score_batch(self, prompts: list[str]) -> list[tuple[float, str]]:
+        api_key = os.environ.get(self.api_key_env)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        results: list[tuple[float, str]] = [(math.nan, "not run")] * len(prompts)
+        with (
+            httpx.Client(timeout=self.timeout, headers=headers) as client,
+            ThreadPoolExecutor(self.concurrency) as pool,
+        ):
+            futures = {pool.submit(self._ask, client, prompt): i for i, prompt in enumerate(prompts)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+        return results
+
+
+BLOCKLIST = (
+    "nsfw", "nude", "naked", "porn", "sex", "gore", "blood", "violent", "kill", "hateful", "slur", "racist",
+)  # fmt: skip
+
+
+class HeuristicQualityScorer(QualityScorer):
+    """An offline FALLBACK, not the paper's LLM: length, repetition, non-text ratio and a blocklist.
+
+    Useful for tests, the demo and a first pass without an LLM; it cannot judge meaning.
+    """
+
+    batch_size = 1024
+
+    def __init__(self, blocklist: Sequence[str] = BLOCKLIST, min_words: int = 3, max_words: int = 60):
+        self.blocklist = tuple(blocklist)
+        self.min_words, self.max_words = min_words, max_words
+
+    @property
+    def identity(self) -> str:
+        return f"heuristic:{_digest(repr((self.blocklist, self.min_words, self.max_words)))}"
+
+    def _score(self, prompt: str) -> float:
+        words = re.findall(r"[^\W\d_]+", prompt.lower())
+        if not words or any(word in self.blocklist for word in words):
+            return 0.0
+        length = min(1.0, len(words) / self.min_words) * (1.0 if len(words) <= self.max_words else 0.5)
+        content = [word for word in words if len(word) > 2] or words  # stop words may repeat
+        repetition = len(set(content)) / len(content)
+        letters = sum(ch.isalpha() or ch.isspace() for ch in prompt) / len(prompt)
+        return float(np.clip(length * repetition * letters, 0.0, 1.0))
+
+    def score_batch(self, prompts: list[str]) -> list[tuple[float, str]]:
+        return [(self._score(p), "") for p in prompts]

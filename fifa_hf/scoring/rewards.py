@@ -1,0 +1,216 @@
+"""Proxy reward models that score (prompt, image) pairs: PickScore-style CLIP, open_clip, precomputed.
+
+Every backend exposes ``score(prompts, images) -> np.ndarray``. They load lazily and drop the loaded
+weights when pickled, so they can live inside a ``datasets.map`` function with ``num_proc``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def _features(output: Any) -> torch.Tensor:
+    """``get_*_features`` returns a tensor in transformers 4 and a pooled output object in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class RewardModel(abc.ABC):
+    """A reward for (prompt, image) pairs, loaded on first use on ``device``."""
+
+    name: str = "reward"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self._loaded: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+    @property
+    def image_size(self) -> int | None:
+        """The side the model resizes images to; decoding can stop at that size."""
+        return None
+
+    @abc.abstractmethod
+    def _load(self) -> Any: ...
+
+    @abc.abstractmethod
+    def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> np.ndarray:
+        """One float per (prompt, image) pair."""
+
+
+class _ContrastiveReward(RewardModel):
+    """``logit_scale.exp() * cos(text, image)``: the PickScore formula, shared by CLIP-like models."""
+
+    @abc.abstractmethod
+    def _embed_text(self, prompts: list[str]) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _logit_scale(self) -> torch.Tensor: ...
+
+    @torch.inference_mode()
+    def embed_text(self, prompts: Sequence[str]) -> np.ndarray:
+        """L2-normalized text embeddings (also usable as prompt embeddings for diversity)."""
+        return torch.nn.functional.normalize(self._embed_text(list(prompts)).float(), dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> np.ndarray:
+        if len(prompts) != len(images):
+            raise ValueError(f"Got {len(prompts)} prompts for {len(images)} images.")
+        if not prompts:
+            return np.zeros(0, dtype=np.float32)
+        unique = list(dict.fromkeys(prompts))
+        text = torch.nn.functional.normalize(self._embed_text(unique).float(), dim=-1)
+        text = text[torch.tensor([unique.index(p) for p in prompts])]
+        image = torch.nn.functional.normalize(self._embed_images(images).float(), dim=-1)
+        scores = self._logit_scale().float().exp() * (text * image).sum(-1)
+        return scores.cpu().numpy()
+
+
+class CLIPRewardModel(_ContrastiveReward):
+    """PickScore (CLIP-H fine-tuned on Pick-a-Pic) or any transformers CLIP checkpoint.
+
+    Scores are in PickScore's units (``logit_scale.exp()`` is 100 for PickScore, so about 20 for a
+    good image).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = PICKSCORE_MODEL,
+        processor_name_or_path: str | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        name: str = "pickscore",
+    ):
+        super().__init__(device, dtype)
+        self.model_name_or_path = str(model_name_or_path)
+        if processor_name_or_path is None:
+            is_pickscore = self.model_name_or_path == PICKSCORE_MODEL
+            processor_name_or_path = PICKSCORE_PROCESSOR if is_pickscore else self.model_name_or_path
+        self.processor_name_or_path = str(processor_name_or_path)
+        self.name = name
+
+    def _load(self):
+        from transformers import AutoModel, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(self.processor_name_or_path)
+        model = AutoModel.from_pretrained(self.model_name_or_path, dtype=getattr(torch, self.dtype))
+        return model.eval().requires_grad_(False).to(self.device), processor
+
+    @property
+    def image_size(self) -> int | None:
+        _, processor = self.loaded
+        crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
+        return int(min(v for k, v in dict(crop).items() if k in ("height", "width", "shortest_edge")))
+
+    def _embed_text(self, prompts: list[str]) -> torch.Tensor:
+        model, processor = self.loaded
+        inputs = processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        return _features(model.get_text_features(**inputs.to(self.device)))
+
+    def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        model, processor = self.loaded
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return _features(model.get_image_features(pixel_values=pixels.to(self.device, model.dtype)))
+
+    def _logit_scale(self) -> torch.Tensor:
+        return self.loaded[0].logit_scale
+
+
+class OpenCLIPRewardModel(_ContrastiveReward):
+    """An open_clip model (HPSv2-style: architecture + checkpoint), needs the ``open_clip`` extra.
+
+    ``model_name`` is an open_clip architecture (``"ViT-H-14"``) with ``pretrained`` a checkpoint path
+    or tag, or ``"local-dir:/path"`` / ``"hf-hub:org/repo"``. Images are preprocessed with PIL from the
+    model's own preprocessing config (the same resize, crop and normalization open_clip applies to
+    PIL images), so open_clip's torchvision transforms are never called.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        name: str = "open_clip",
+    ):
+        super().__init__(device, dtype)
+        self.model_name, self.pretrained, self.name = model_name, pretrained, name
+
+    def _load(self):
+        try:
+            import open_clip
+        except ImportError as error:
+            raise ImportError("OpenCLIPRewardModel needs open_clip: pip install 'fifa-hf[open_clip]'") from error
+        model = open_clip.create_model(self.model_name, pretrained=self.pretrained, device=self.device)
+        model = model.to(getattr(torch, self.dtype)).eval().requires_grad_(False)
+        return model, open_clip.get_tokenizer(self.model_name), dict(model.visual.preprocess_cfg)
+
+    @property
+    def image_size(self) -> int:
+        size = self.loaded[2]["size"]
+        return int(size if isinstance(size, int) else min(size))
+
+    def _embed_text(self, prompts: list[str]) -> torch.Tensor:
+        model, tokenizer, _ = self.loaded
+        return model.encode_text(tokenizer(prompts).to(self.device))
+
+    def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        model, _, config = self.loaded
+        pixels = torch.stack([_preprocess(image, config) for image in images])
+        return model.encode_image(pixels.to(self.device, next(model.parameters()).dtype))
+
+    def _logit_scale(self) -> torch.Tensor:
+        return self.loaded[0].logit_scale
+
+
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def _preprocess(image: Image.Image, config: dict[str, Any]) -> torch.Tensor:
+    """open_clip's eval transform for PIL input: resize shortest side, center crop, normalize."""
+    size = config["size"] if isinstance(config["size"], int) else min(config["size"])
+    if config.get("resize_mode", "shortest") != "shortest":
+        raise NotImplementedError(f"resize_mode {config['resize_mode']!r} is not supported; use 'shortest'.")
+    scale = size / min(image.size)
+    resized = image.resize(
+        (round(image.width * scale), round(image.height * scale)),
+        _INTERPOLATION[config.get("interpolation", "bicubic")],
+    )
+    left, top = int(round((resized.width - size) / 2.0)), int(round((resized.height - size) / 2.0))
+    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    mean, std = np.asarray(config["mean"], np.float32), np.asarray(config["std"], np.float32)
+    return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+
+
+class PrecomputedReward:
+    """Rewards a user already computed, read from two columns of the source rows.
+
+    For Pick-a-Pic rows the columns hold the rewards of ``jpg_0`` and ``jpg_1`` and are oriented
+    with the label; for TRL rows they hold the chosen and rejected rewards.
+    """
+
+    name = "precomputed"
+
+    def __init__(self, column_0: str, column_1: str, name: str = "precomputed"):
+        self.columns = (column_0, column_1)
+        self.name = name
