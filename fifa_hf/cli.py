@@ -7,7 +7,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from trl import TrlParser
+
+from fifa_hf.demo import DemoArguments
+from fifa_hf.filter import FiFAConfig
 
 
 @dataclass
@@ -36,7 +39,65 @@ def synthetic(args: SyntheticArguments) -> None:
         print(f"saved to {args.output_dir}")
 
 
-COMMANDS: dict[str, tuple[type, Callable]] = {"synthetic": (SyntheticArguments, synthetic)}
+def filter_command(config: FiFAConfig) -> None:
+    from fifa_hf.filter import FiFAFilter
+    from fifa_hf.hub import push_subset_to_hub
+
+    result = FiFAFilter(config).run()
+    print(result.report)
+    print(f"wrote {config.output_dir}")
+    if config.push_to_hub:
+        push_subset_to_hub(config.output_dir, config.push_to_hub, private=config.private)
+        print(f"pushed to https://huggingface.co/datasets/{config.push_to_hub}")
+
+
+@dataclass
+class SelectArguments:
+    """Re-select from the scores a `fifa-hf filter` run saved, with other settings, without rescoring."""
+
+    scores: str = field(metadata={"help": "Output directory of a `fifa-hf filter` run (holds scores.parquet)."})
+    output_dir: str = field(metadata={"help": "Where the new subset, card and scores are written."})
+    method: str | None = field(default=None, metadata={"help": "fifa, margin, qsd or random (default: as filtered)."})
+    k: float | None = field(default=None, metadata={"help": "Pairs to keep: a count or a fraction."})
+    alpha: float | None = field(default=None, metadata={"help": "Weight of prompt quality."})
+    gamma: float | None = field(default=None, metadata={"help": "Weight of prompt diversity."})
+    normalization: str | None = field(default=None, metadata={"help": "zscore, minmax or none."})
+    max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "Cap on selected pairs per prompt."})
+    seed: int | None = field(default=None, metadata={"help": "Seed of the random baseline."})
+    dataset: str | None = field(default=None, metadata={"help": "Source dataset, if it moved since filtering."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Dataset repo id to publish the new subset to."})
+
+
+def select_command(args: SelectArguments) -> None:
+    from fifa_hf.filter import reselect
+    from fifa_hf.hub import push_subset_to_hub
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("method", "k", "alpha", "gamma", "normalization", "max_pairs_per_prompt", "seed", "dataset")
+        if getattr(args, name) is not None
+    }
+    result = reselect(args.scores, args.output_dir, **overrides)
+    print(result.report)
+    print(f"wrote {args.output_dir}")
+    if args.push_to_hub:
+        push_subset_to_hub(args.output_dir, args.push_to_hub)
+
+
+def demo_command(args: DemoArguments) -> None:
+    from fifa_hf.demo import markdown_table, run_demo
+
+    table = run_demo(args)
+    print(markdown_table(table))
+    print(f"report: {args.output_dir}/report.md")
+
+
+COMMANDS: dict[str, tuple[type, Callable]] = {
+    "demo": (DemoArguments, demo_command),
+    "filter": (FiFAConfig, filter_command),
+    "select": (SelectArguments, select_command),
+    "synthetic": (SyntheticArguments, synthetic),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = top.parse_args(argv[:1]).command
     arguments_class, run = COMMANDS[command]
-    parser = HfArgumentParser(arguments_class, prog=f"fifa-hf {command}", description=arguments_class.__doc__)
-    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    parser = TrlParser(arguments_class, prog=f"fifa-hf {command}", description=arguments_class.__doc__)
+    (args,) = parser.parse_args_and_config(argv[1:])
     run(args)
 
 
