@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import datasets
 import pandas as pd
@@ -52,18 +51,17 @@ def source_license(dataset: str | None) -> str | None:
     return card.data.get("license")
 
 
-def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, **kwargs: Any) -> str:
-    """Create the dataset repo and upload the subset directory; the token comes from ``HF_TOKEN``."""
-    from huggingface_hub import HfApi
+def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Create the dataset repo and commit the subset directory; the token comes from ``HF_TOKEN``.
 
+    The files are listed explicitly (card, data, scores, config, report, plots), never the caches.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    output_dir = Path(output_dir)
+    files = sorted({path for pattern in PUBLISHED_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
+    operations = [CommitOperationAdd(path.relative_to(output_dir).as_posix(), str(path)) for path in files]
     api = HfApi(token=os.environ.get("HF_TOKEN"))
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=str(output_dir),
-        repo_id=repo_id,
-        repo_type="dataset",
-        allow_patterns=PUBLISHED_PATTERNS,
-        commit_message="Upload FiFA subset",
-        **kwargs,
-    )
+    commit = api.create_commit(repo_id, operations, repo_type="dataset", commit_message="Upload FiFA subset")
     return str(commit)

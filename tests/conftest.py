@@ -1,9 +1,13 @@
 """Shared fixtures: tiny local models and a small synthetic Pick-a-Pic, built once per session."""
 
 import os
+import tempfile
 
 import pytest
 
+# A private datasets cache per test session: the default cache keys local folders by name, so a
+# stale arrow file from another folder with the same name could be read back.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fifa-hf-datasets-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
