@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 FIFA_CITATION = """@inproceedings{yang2025fifa,
   title     = {Automated Filtering of Human Feedback Data for Aligning Text-to-Image Diffusion Models},
@@ -128,3 +128,67 @@ The full configuration is in `fifa_config.yaml`, every pair's scores (no images)
 ```
 """
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def diffusion_model_card(
+    base_model: str,
+    model_id: str,
+    is_sdxl: bool,
+    is_lora: bool,
+    datasets: list[str],
+    hyperparameters: dict,
+    paper_citation: str,
+    extra_tags: list[str] | None = None,
+) -> ModelCard:
+    """The model card of a Diffusion-DPO checkpoint, with a quick start that loads it."""
+    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if is_sdxl else "stable-diffusion"]
+    tags += ["lora"] if is_lora else []
+    tags += ["diffusion-dpo", "fifa", "trl", *(extra_tags or [])]
+    data = ModelCardData(
+        library_name="diffusers",
+        base_model=base_model,
+        datasets=datasets or None,
+        tags=list(dict.fromkeys(tags)),
+        pipeline_tag="text-to-image",
+    )
+    if is_lora:
+        quick_start = f"""from diffusers import DiffusionPipeline
+
+pipeline = DiffusionPipeline.from_pretrained("{base_model}")
+pipeline.load_lora_weights("{model_id}")
+image = pipeline("a photo of an astronaut riding a horse").images[0]"""
+    else:
+        quick_start = f"""from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{model_id}", subfolder="unet")
+pipeline = DiffusionPipeline.from_pretrained("{base_model}", unet=unet)
+image = pipeline("a photo of an astronaut riding a horse").images[0]"""
+    kind = "LoRA adapter for" if is_lora else "fine-tune of"
+    rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
+    trained_on = ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) or "a preference dataset"
+    body = f"""# {model_id}
+
+A Diffusion-DPO {kind} [{base_model}](https://huggingface.co/{base_model}), trained with
+[fifa-hf](https://github.com/fifa-hf/fifa-hf) on {trained_on}.
+
+## Quick start
+
+```python
+{quick_start}
+```
+
+## Training hyperparameters
+
+| hyperparameter | value |
+|---|---|
+{rows}
+
+## Citations
+
+```bibtex
+{paper_citation}
+
+{FIFA_CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

@@ -51,17 +51,33 @@ def source_license(dataset: str | None) -> str | None:
     return card.data.get("license")
 
 
-def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
-    """Create the dataset repo and commit the subset directory; the token comes from ``HF_TOKEN``.
+def upload_files(
+    folder: str | Path,
+    repo_id: str,
+    repo_type: str,
+    patterns: list[str],
+    commit_message: str,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Create the repo if needed and commit the files of ``folder`` matching ``patterns`` in one commit.
 
-    The files are listed explicitly (card, data, scores, config, report, plots), never the caches.
+    The files are listed explicitly (never caches, checkpoints or logs). The token defaults to ``HF_TOKEN``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    output_dir = Path(output_dir)
-    files = sorted({path for pattern in PUBLISHED_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
-    operations = [CommitOperationAdd(path.relative_to(output_dir).as_posix(), str(path)) for path in files]
-    api = HfApi(token=os.environ.get("HF_TOKEN"))
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    commit = api.create_commit(repo_id, operations, repo_type="dataset", commit_message="Upload FiFA subset")
+    folder = Path(folder)
+    files = sorted({path for pattern in patterns for path in folder.glob(pattern) if path.is_file()})
+    operations = [CommitOperationAdd(path.relative_to(folder).as_posix(), str(path)) for path in files]
+    api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    commit = api.create_commit(
+        repo_id, operations, repo_type=repo_type, commit_message=commit_message, revision=revision
+    )
     return str(commit)
+
+
+def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Publish a FiFA subset directory as a dataset repo."""
+    return upload_files(output_dir, repo_id, "dataset", PUBLISHED_PATTERNS, "Upload FiFA subset", private=private)

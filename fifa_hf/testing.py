@@ -164,7 +164,9 @@ def tiny_sd_pipeline(seed: int = 0, sample_size: int = 16):
         vae=_tiny_vae(seed),
         text_encoder=_tiny_text_encoder(False, 32, seed),
         tokenizer=tiny_clip_tokenizer(),
-        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear"),
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
