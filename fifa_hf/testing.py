@@ -131,7 +131,7 @@ def _tiny_vae(seed: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         block_out_channels=(8, 16),
         in_channels=3,
         out_channels=3,
@@ -141,6 +141,12 @@ def _tiny_vae(seed: int):
         norm_num_groups=8,
         sample_size=32,
     )
+    # A trained VAE's posterior is narrow (latents carry the image, not sampling noise); a random one's
+    # has std ~1. Push the log-variance channels down so sampled latents behave like real ones.
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -12.0
+    return vae
 
 
 def tiny_sd_pipeline(seed: int = 0, sample_size: int = 16):

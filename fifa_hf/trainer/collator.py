@@ -16,8 +16,19 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
+def pair_generator(seed: int, epoch: int, pair_index: int) -> torch.Generator:
+    """The random stream of one pair in one epoch: augmentations are a pure function of these three,
+    so prefetching dataloaders and resumed runs see exactly the same ones."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + pair_index) % 2**63)
+
+
 def crop_pair(
-    chosen: Image.Image, rejected: Image.Image, resolution: int, random_crop: bool, flip: bool
+    chosen: Image.Image,
+    rejected: Image.Image,
+    resolution: int,
+    random_crop: bool,
+    flip: bool,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize the shorter side to ``resolution``, then one crop and one flip for both images.
 
@@ -29,14 +40,15 @@ def crop_pair(
     size = (max(resolution, round(chosen.width * scale)), max(resolution, round(chosen.height * scale)))
     chosen, rejected = chosen.resize(size, Image.BILINEAR), rejected.resize(size, Image.BILINEAR)
     if random_crop:
-        top = int(torch.randint(0, size[1] - resolution + 1, ()).item())
-        left = int(torch.randint(0, size[0] - resolution + 1, ()).item())
+        top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator).item())
+        left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator).item())
     else:
         top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
     box = (left, top, left + resolution, top + resolution)
     chosen, rejected = chosen.crop(box), rejected.crop(box)
     if flip:
         chosen, rejected = chosen.transpose(Image.FLIP_LEFT_RIGHT), rejected.transpose(Image.FLIP_LEFT_RIGHT)
+        left = size[0] - resolution - left  # where the crop sits in the flipped image
     return _to_tensor(chosen), _to_tensor(rejected), original_size, (top, left)
 
 
@@ -45,32 +57,45 @@ def decode(data: bytes) -> Image.Image:
 
 
 class DiffusionDPOCollator:
-    """Canonical pairs (``prompt``, ``chosen``, ``rejected`` bytes) -> pixel batches and caption dropout.
+    """Canonical pairs (``prompt``, ``chosen``, ``rejected`` bytes, ``pair_index``) -> pixel batches.
 
-    Random choices (crop, flip, dropped prompt) draw from torch's global RNG, which the Trainer
-    checkpoints, so a resumed run sees the same augmentations.
+    Each pair gets one crop and one flip for both images, and caption dropout; the choices come from
+    ``pair_generator(seed, epoch, pair_index)`` (the trainer sets ``epoch``).
     """
 
     def __init__(
-        self, resolution: int, random_crop: bool = False, hflip: bool = True, proportion_empty_prompts: float = 0.0
+        self,
+        resolution: int,
+        random_crop: bool = False,
+        hflip: bool = True,
+        proportion_empty_prompts: float = 0.0,
+        seed: int = 0,
     ):
         self.resolution = resolution
         self.random_crop = random_crop
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
+        self.seed = seed
+        self.epoch = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         chosen, rejected, original_sizes, crops, prompts = [], [], [], [], []
         for example in examples:
-            flip = self.hflip and bool(torch.rand(()) < 0.5)
+            generator = pair_generator(self.seed, self.epoch, example["pair_index"])
+            flip = self.hflip and bool(torch.rand((), generator=generator) < 0.5)
+            drop = bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
             winner, loser, size, crop = crop_pair(
-                decode(example["chosen"]), decode(example["rejected"]), self.resolution, self.random_crop, flip
+                decode(example["chosen"]),
+                decode(example["rejected"]),
+                self.resolution,
+                self.random_crop,
+                flip,
+                generator,
             )
             chosen.append(winner)
             rejected.append(loser)
             original_sizes.append(size)
             crops.append(crop)
-            drop = bool(torch.rand(()) < self.proportion_empty_prompts)
             prompts.append("" if drop else example["prompt"])
         return {
             "chosen_pixel_values": torch.stack(chosen),
@@ -84,15 +109,20 @@ class DiffusionDPOCollator:
 class CachedPairCollator:
     """With ``cache_latents``: only the pair index, the flip and the caption dropout are drawn per step."""
 
-    def __init__(self, hflip: bool = True, proportion_empty_prompts: float = 0.0):
+    def __init__(self, hflip: bool = True, proportion_empty_prompts: float = 0.0, seed: int = 0):
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
+        self.seed = seed
+        self.epoch = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        n = len(examples)
-        flips = (torch.rand(n) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        flips, drops = [], []
+        for example in examples:
+            generator = pair_generator(self.seed, self.epoch, example["pair_index"])
+            flips.append(self.hflip and bool(torch.rand((), generator=generator) < 0.5))
+            drops.append(bool(torch.rand((), generator=generator) < self.proportion_empty_prompts))
         return {
             "pair_index": torch.tensor([example["pair_index"] for example in examples]),
-            "flip": flips,
-            "drop_prompt": torch.rand(n) < self.proportion_empty_prompts,
+            "flip": torch.tensor(flips),
+            "drop_prompt": torch.tensor(drops),
         }

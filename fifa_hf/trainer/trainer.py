@@ -22,7 +22,7 @@ from accelerate import PartialState
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from fifa_hf.data import to_preference_pairs
 from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator, crop_pair, decode
@@ -46,6 +46,16 @@ def load_pipeline(model: str | os.PathLike | DiffusionPipeline) -> DiffusionPipe
     if "text_encoder_2" in config:
         return StableDiffusionXLPipeline.from_pretrained(str(model))
     return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator which epoch it is, so each epoch draws new augmentations."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)
 
 
 @dataclass
@@ -128,10 +138,10 @@ class DiffusionDPOTrainer(Trainer):
             train_dataset = self._prepare_dataset(train_dataset, args, "train")
             eval_dataset = self._prepare_dataset(eval_dataset, args, "eval")
         if args.cache_latents:
-            collator = CachedPairCollator(not args.no_hflip, args.proportion_empty_prompts)
+            collator = CachedPairCollator(not args.no_hflip, args.proportion_empty_prompts, args.seed)
         else:
             collator = DiffusionDPOCollator(
-                self.resolution, args.random_crop, not args.no_hflip, args.proportion_empty_prompts
+                self.resolution, args.random_crop, not args.no_hflip, args.proportion_empty_prompts, args.seed
             )
         super().__init__(
             model=unet,
@@ -139,7 +149,7 @@ class DiffusionDPOTrainer(Trainer):
             data_collator=collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), _CollatorEpoch(collator)],
             optimizers=optimizers,
         )
         for module in self._frozen_modules():
@@ -171,9 +181,7 @@ class DiffusionDPOTrainer(Trainer):
         if len(pairs) == 0:
             raise ValueError(f"No usable preference pair in {name}_dataset: {report}")
         pairs = pairs.select_columns(["prompt", "chosen", "rejected"])
-        if args.cache_latents:
-            pairs = pairs.add_column("pair_index", list(range(len(pairs))))
-        return pairs
+        return pairs.add_column("pair_index", list(range(len(pairs))))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -290,12 +298,14 @@ class DiffusionDPOTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def _compute_loss(self, model, latent_parameters, hidden, pooled, time_ids):
-        """One noise and timestep per pair, one policy forward on chosen+rejected, one reference forward."""
+        """Sample the VAE latents of each pair (fresh every step, cached or not), then the loss."""
         scaling = self.pipeline.vae.config.scaling_factor
-        latents = (
-            DiagonalGaussianDistribution(latent_parameters.flatten(0, 1)).sample().unflatten(0, (-1, 2)) * scaling
-        )
-        latents_w, latents_l = latents[:, 0], latents[:, 1]
+        latents = DiagonalGaussianDistribution(latent_parameters.flatten(0, 1)).sample().unflatten(0, (-1, 2))
+        latents = latents * scaling
+        return self._loss_from_latents(model, latents[:, 0], latents[:, 1], hidden, pooled, time_ids)
+
+    def _loss_from_latents(self, model, latents_w, latents_l, hidden, pooled, time_ids):
+        """One noise and timestep per pair, one policy forward on chosen+rejected, one reference forward."""
         noise = torch.randn_like(latents_w)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (len(latents_w),), device=latents_w.device
@@ -363,7 +373,12 @@ class DiffusionDPOTrainer(Trainer):
 
     # ---- saving --------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``; full: ``unet/``; plus the card."""
+        """LoRA: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``; full: ``unet/``; plus the card.
+
+        transformers calls ``_save`` on every process; only the one that should save writes.
+        """
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         unet = self.accelerator.unwrap_model(self.model)
@@ -450,6 +465,8 @@ class DiffusionDPOTrainer(Trainer):
         """Save the weights and the card, then commit them (never checkpoints or logs) to ``hub_model_id``."""
         from fifa_hf.hub import upload_files
 
+        if kwargs.get("dataset_name"):
+            self.dataset_names = [kwargs["dataset_name"]]
         if self.hub_model_id is None:
             self.init_hf_repo(token=token)
         self.save_model()
