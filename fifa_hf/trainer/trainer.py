@@ -48,6 +48,12 @@ def load_pipeline(model: str | os.PathLike | DiffusionPipeline) -> DiffusionPipe
     return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
 
 
+def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 class _CollatorEpoch(TrainerCallback):
     """Tells the collator which epoch it is, so each epoch draws new augmentations."""
 
@@ -188,14 +194,7 @@ class DiffusionDPOTrainer(Trainer):
         """Text-encoder hidden states (and SDXL's pooled embedding); SDXL's empty prompts become zeros."""
         device = self.accelerator.device
         if not self.is_sdxl:
-            tokenizer = self.pipeline.tokenizer
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+            ids = _tokenize(self.pipeline.tokenizer, prompts)
             return self.pipeline.text_encoder(ids.to(device))[0], None
         hidden, pooled = [], None
         pairs = (
@@ -203,13 +202,7 @@ class DiffusionDPOTrainer(Trainer):
             (self.pipeline.tokenizer_2, self.pipeline.text_encoder_2),
         )
         for tokenizer, encoder in pairs:
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+            ids = _tokenize(tokenizer, prompts)
             output = encoder(ids.to(device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output[0]
