@@ -14,10 +14,12 @@ import faiss
 import numpy as np
 import torch
 
+from fifa_hf.scoring.lazy import LazyLoaded
+
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class PromptEmbedder:
+class PromptEmbedder(LazyLoaded):
     """L2-normalized sentence-transformers embeddings, each unique prompt encoded once."""
 
     def __init__(
@@ -26,17 +28,14 @@ class PromptEmbedder:
         self.model_name_or_path = str(model_name_or_path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
-        self._model = None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_model": None}
+    def _load(self):
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(self.model_name_or_path, device=self.device)
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(self.model_name_or_path, device=self.device)
-        embeddings = self._model.encode(
+        embeddings = self.loaded.encode(
             list(prompts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
         return np.ascontiguousarray(embeddings, dtype=np.float32)

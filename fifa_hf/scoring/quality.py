@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import numpy as np
 import torch
 
 from fifa_hf.scoring.cache import ScoreCache
+from fifa_hf.scoring.lazy import LazyLoaded
 
 SCALE_MAX = 9
 QUALITY_RUBRIC = """You judge prompts written for a text-to-image model.
@@ -85,7 +85,7 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-class TransformersQualityScorer(QualityScorer):
+class TransformersQualityScorer(LazyLoaded, QualityScorer):
     """A local chat LLM: the score is the probability-weighted mean of the digits 0-9 at the answer.
 
     One batched forward pass per batch, no sampling: deterministic, continuous and much cheaper than
@@ -107,10 +107,6 @@ class TransformersQualityScorer(QualityScorer):
         self.dtype = dtype
         self.batch_size = batch_size
         self.trust_remote_code = trust_remote_code
-        self._loaded: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": None}
 
     @property
     def identity(self) -> str:
@@ -133,9 +129,7 @@ class TransformersQualityScorer(QualityScorer):
 
     @torch.inference_mode()
     def score_batch(self, prompts: list[str]) -> list[tuple[float, str]]:
-        if self._loaded is None:
-            self._loaded = self._load()
-        model, tokenizer, digits = self._loaded
+        model, tokenizer, digits = self.loaded
         texts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": self.rubric.format(prompt=p)}], tokenize=False, add_generation_prompt=True

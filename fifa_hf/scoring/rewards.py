@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fifa_hf.scoring.lazy import LazyLoaded
+
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
@@ -23,7 +25,7 @@ def _features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class RewardModel(abc.ABC):
+class RewardModel(LazyLoaded, abc.ABC):
     """A reward for (prompt, image) pairs, loaded on first use on ``device``."""
 
     name: str = "reward"
@@ -31,16 +33,6 @@ class RewardModel(abc.ABC):
     def __init__(self, device: str | None = None, dtype: str = "float32"):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
-        self._loaded: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": None}
-
-    @property
-    def loaded(self) -> Any:
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
 
     @property
     def image_size(self) -> int | None:
