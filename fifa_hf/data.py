@@ -254,5 +254,9 @@ def to_preference_pairs(
     """Canonical pairs of a map-style dataset, with the report of what was dropped and why."""
     marked = map_to_pairs(dataset, drop_ties, check_images, reward_columns, num_proc=num_proc)
     report = RowReport.from_reasons("to_preference_pairs", marked["drop_reason"])
-    kept = marked.filter(lambda reasons: [not r for r in reasons], input_columns="drop_reason", batched=True)
-    return kept.remove_columns("drop_reason"), report
+    return unmarked(marked).remove_columns("drop_reason"), report
+
+
+def unmarked(marked: datasets.Dataset) -> datasets.Dataset:
+    """The rows of ``map_to_pairs`` output that became pairs (empty ``drop_reason``)."""
+    return marked.filter(lambda reasons: [not r for r in reasons], input_columns="drop_reason", batched=True)

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from fifa_hf.data import RowReport, load_preference_dataset, map_to_pairs
+from fifa_hf.data import RowReport, load_preference_dataset, map_to_pairs, unmarked
 from fifa_hf.scoring import (
     CLIPRewardModel,
     EndpointQualityScorer,
@@ -301,16 +301,14 @@ class FiFAFilter:
         progress = tqdm(desc="Scoring margins", unit="pairs", initial=resumed)
         for chunk in marked.iter(batch_size=self.config.chunk_size):
             table = datasets.Dataset.from_dict(chunk)
-            keep = table.filter(lambda r: [not x for x in r], input_columns="drop_reason", batched=True)
-            scored = keep.map(
+            scored = unmarked(table).map(
                 scorer, batched=True, batch_size=self.config.batch_size, with_rank=True,
                 num_proc=self.config.num_proc, remove_columns=["chosen", "rejected"], desc=None,
             ).to_pandas()  # fmt: skip
-            dropped = table.filter(lambda r: [bool(x) for x in r], input_columns="drop_reason", batched=True)
-            dropped = dropped.remove_columns(["chosen", "rejected"]).to_pandas()
-            for column, value in (("reward_chosen", np.nan), ("reward_rejected", np.nan), ("margin", np.nan)):
-                dropped[column] = value
-            dropped["margin_error"] = ""
+            dropped = pd.DataFrame({name: chunk[name] for name in ("row_id", "prompt", "tie", "drop_reason")})
+            dropped = dropped[dropped["drop_reason"] != ""].assign(
+                reward_chosen=np.nan, reward_rejected=np.nan, margin=np.nan, margin_error=""
+            )
             frame = pd.concat([scored, dropped]).sort_values("row_id")[list(SCORE_COLUMNS)]
             temporary = parts / f".part-{index:05d}.tmp"
             frame.to_parquet(temporary, index=False)
