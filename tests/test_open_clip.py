@@ -36,8 +36,7 @@ prompts = ["a red square", "a blue circle"]
 images = [Image.new("RGB", (48, 40), (255, 0, 0)), Image.new("RGB", (40, 48), (0, 0, 255))]
 scores = reward.score(prompts, images)
 
-from fifa_hf.scoring.rewards import _preprocess
-pixels = torch.stack([_preprocess(image, reward.loaded[2]) for image in images])
+pixels = reward.loaded[2](images)
 expected_red = (np.array([1.0, 0.0, 0.0]) - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.3]
 assert pixels.shape == (2, 3, 32, 32), pixels.shape
 assert np.allclose(pixels[0, :, 16, 16].numpy(), expected_red, atol=1e-5)

@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoProcessor
 
 from fifa_hf.data import to_preference_pairs
 from fifa_hf.scoring import CLIPRewardModel, MarginScorer, PrecomputedReward
-from fifa_hf.scoring.images import decode_image
+from fifa_hf.scoring.images import CLIPImageTransform, decode_image
 
 
 def jpeg(color, size=64) -> bytes:
@@ -29,6 +29,18 @@ def test_pickscore_formula_matches_clip_logits(tiny_clip_path):
     with torch.no_grad():
         expected = model(**inputs).logits_per_image.diagonal().numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_transform_equals_the_clip_image_processor(tiny_clip_path):
+    processor = AutoProcessor.from_pretrained(tiny_clip_path).image_processor
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+        for height, width in [(48, 48), (45, 71), (90, 33), (32, 32)]
+    ]
+    transform = CLIPImageTransform.from_image_processor(processor)
+    expected = processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(transform(images), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pickscore_defaults_to_the_laion_processor():

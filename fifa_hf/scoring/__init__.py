@@ -1,7 +1,13 @@
 """FiFA's three signals: preference margin, prompt quality and prompt diversity (one module each)."""
 
 from fifa_hf.scoring.cache import ScoreCache
-from fifa_hf.scoring.diversity import PromptEmbedder, diversity_by_prompt, knn_distances, knn_log_distances
+from fifa_hf.scoring.diversity import (
+    PromptEmbedder,
+    diversity_by_prompt,
+    knn_distances,
+    knn_log_distances,
+    knn_search,
+)
 from fifa_hf.scoring.margin import MarginScorer
 from fifa_hf.scoring.quality import (
     QUALITY_RUBRIC,
@@ -30,5 +36,6 @@ __all__ = [
     "add_signals",
     "diversity_by_prompt",
     "knn_distances",
+    "knn_search",
     "knn_log_distances",
 ]

@@ -55,51 +55,62 @@ def _build_index(embeddings: np.ndarray, exact: bool, nprobe: int, seed: int) ->
     if exact:
         index = faiss.IndexFlatL2(dim)
     else:
-        nlist = max(1, min(4 * int(math.sqrt(n)), n // 39))
+        # About 2 * sqrt(n) lists (a power of two), trained on 64 points a list for 10 k-means
+        # iterations: training on every point with faiss' defaults takes hours at 1M prompts.
+        nlist = max(1, min(2 ** round(math.log2(2 * math.sqrt(n))), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
-        sample = np.random.default_rng(seed).choice(n, size=min(n, 256 * nlist), replace=False)
+        index.cp.niter = 10
+        sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * nlist), replace=False)
         index.train(embeddings[np.sort(sample)])
         index.nprobe = min(nprobe, nlist)
     index.add(embeddings)
     return index
 
 
-def knn_distances(
+def knn_search(
     embeddings: np.ndarray,
     k: int = 5,
     method: str = "auto",
     exact_threshold: int = 100_000,
-    nprobe: int = 16,
+    nprobe: int = 4,
     query_batch_size: int = 4096,
     seed: int = 0,
-) -> np.ndarray:
-    """Euclidean distance of each row to its k-th nearest *other* row.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distances ``(n, k)`` and ids ``(n, k)`` of each row's k nearest *other* rows.
 
-    ``method`` is ``"exact"`` (faiss IndexFlatL2), ``"ivf"`` (IndexIVFFlat, approximate), or
-    ``"auto"``: exact up to ``exact_threshold`` rows. With fewer than ``k + 1`` rows, k shrinks to
-    ``n - 1`` (and a single row gets distance NaN).
+    ``method`` is ``"exact"`` (faiss IndexFlatL2), ``"ivf"`` (IndexIVFFlat, approximate: ``nprobe``
+    lists of about ``2 * sqrt(n)`` are searched), or ``"auto"``: exact up to ``exact_threshold``
+    rows. With fewer than ``k + 1`` rows, k shrinks to ``n - 1``.
     """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = len(embeddings)
-    if n < 2:
-        return np.full(n, np.nan)
     if method not in ("auto", "exact", "ivf"):
         raise ValueError(f"method must be 'auto', 'exact' or 'ivf', got {method!r}")
     k = min(k, n - 1)
+    if k < 1:
+        return np.zeros((n, 0)), np.zeros((n, 0), dtype=np.int64)
     exact = method == "exact" or (method == "auto" and n <= exact_threshold)
     # faiss uses BLAS only for query batches above this threshold (20 by default); keep it low.
     faiss.cvar.distance_compute_blas_threshold = 16
     index = _build_index(embeddings, exact, nprobe, seed)
-    result = np.empty(n, dtype=np.float64)
+    distances, ids = np.empty((n, k), dtype=np.float64), np.empty((n, k), dtype=np.int64)
     for start in range(0, n, query_batch_size):
         queries = embeddings[start : start + query_batch_size]
-        distances, ids = index.search(queries, k + 1)
-        own = ids == np.arange(start, start + len(queries))[:, None]
+        found_distances, found_ids = index.search(queries, k + 1)
+        own = found_ids == np.arange(start, start + len(queries))[:, None]
         # Drop the query itself (or, when it is not among the results, the (k+1)-th neighbour).
         own[~own.any(axis=1), k] = True
-        others = distances[~own].reshape(len(queries), k)
-        result[start : start + len(queries)] = np.sqrt(np.maximum(others[:, k - 1], 0.0))
-    return result
+        stop = start + len(queries)
+        distances[start:stop] = np.sqrt(np.maximum(found_distances[~own].reshape(-1, k), 0.0))
+        ids[start:stop] = found_ids[~own].reshape(-1, k)
+    return distances, ids
+
+
+def knn_distances(embeddings: np.ndarray, k: int = 5, **kwargs) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest *other* row (NaN for a single row)."""
+    if len(embeddings) < 2:
+        return np.full(len(embeddings), np.nan)
+    return knn_search(embeddings, k=k, **kwargs)[0][:, -1]
 
 
 def knn_log_distances(embeddings: np.ndarray, k: int = 5, epsilon: float = 1e-6, **kwargs) -> np.ndarray:

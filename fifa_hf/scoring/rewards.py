@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fifa_hf.scoring.images import CLIPImageTransform
 from fifa_hf.scoring.lazy import LazyLoaded
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -106,22 +107,26 @@ class CLIPRewardModel(_ContrastiveReward):
 
         processor = AutoProcessor.from_pretrained(self.processor_name_or_path)
         model = AutoModel.from_pretrained(self.model_name_or_path, dtype=getattr(torch, self.dtype))
-        return model.eval().requires_grad_(False).to(self.device), processor
+        transform = CLIPImageTransform.from_image_processor(processor.image_processor)
+        return model.eval().requires_grad_(False).to(self.device), processor, transform
 
     @property
     def image_size(self) -> int | None:
-        _, processor = self.loaded
+        processor = self.loaded[1]
         crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
         return int(min(v for k, v in dict(crop).items() if k in ("height", "width", "shortest_edge")))
 
     def _embed_text(self, prompts: list[str]) -> torch.Tensor:
-        model, processor = self.loaded
+        model, processor, _ = self.loaded
         inputs = processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         return _features(model.get_text_features(**inputs.to(self.device)))
 
     def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        model, processor = self.loaded
-        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        model, processor, transform = self.loaded
+        if transform is None:
+            pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        else:
+            pixels = transform(images)
         return _features(model.get_image_features(pixel_values=pixels.to(self.device, model.dtype)))
 
     def _logit_scale(self) -> torch.Tensor:
@@ -155,20 +160,19 @@ class OpenCLIPRewardModel(_ContrastiveReward):
             raise ImportError("OpenCLIPRewardModel needs open_clip: pip install 'fifa-hf[open_clip]'") from error
         model = open_clip.create_model(self.model_name, pretrained=self.pretrained, device=self.device)
         model = model.to(getattr(torch, self.dtype)).eval().requires_grad_(False)
-        return model, open_clip.get_tokenizer(self.model_name), dict(model.visual.preprocess_cfg)
+        return model, open_clip.get_tokenizer(self.model_name), _open_clip_transform(model.visual.preprocess_cfg)
 
     @property
     def image_size(self) -> int:
-        size = self.loaded[2]["size"]
-        return int(size if isinstance(size, int) else min(size))
+        return self.loaded[2].size
 
     def _embed_text(self, prompts: list[str]) -> torch.Tensor:
         model, tokenizer, _ = self.loaded
         return model.encode_text(tokenizer(prompts).to(self.device))
 
     def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        model, _, config = self.loaded
-        pixels = torch.stack([_preprocess(image, config) for image in images])
+        model, _, transform = self.loaded
+        pixels = transform(images)
         return model.encode_image(pixels.to(self.device, next(model.parameters()).dtype))
 
     def _logit_scale(self) -> torch.Tensor:
@@ -178,20 +182,19 @@ class OpenCLIPRewardModel(_ContrastiveReward):
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-def _preprocess(image: Image.Image, config: dict[str, Any]) -> torch.Tensor:
-    """open_clip's eval transform for PIL input: resize shortest side, center crop, normalize."""
-    size = config["size"] if isinstance(config["size"], int) else min(config["size"])
+def _open_clip_transform(config: dict[str, Any]) -> CLIPImageTransform:
+    """open_clip's eval transform for PIL input (shortest-side resize, center crop, normalize)."""
     if config.get("resize_mode", "shortest") != "shortest":
         raise NotImplementedError(f"resize_mode {config['resize_mode']!r} is not supported; use 'shortest'.")
-    scale = size / min(image.size)
-    resized = image.resize(
-        (round(image.width * scale), round(image.height * scale)),
-        _INTERPOLATION[config.get("interpolation", "bicubic")],
+    size = config["size"] if isinstance(config["size"], int) else min(config["size"])
+    return CLIPImageTransform(
+        size=size,
+        crop=size,
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        resample=_INTERPOLATION[config.get("interpolation", "bicubic")],
+        round_offset=True,
     )
-    left, top = int(round((resized.width - size) / 2.0)), int(round((resized.height - size) / 2.0))
-    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    mean, std = np.asarray(config["mean"], np.float32), np.asarray(config["std"], np.float32)
-    return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
 
 
 class PrecomputedReward:
