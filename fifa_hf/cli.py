@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import TrlParser
 
 from fifa_hf.demo import DemoArguments
+from fifa_hf.evaluation.evaluate import EvaluateArguments
 from fifa_hf.filter import FiFAConfig
 
 
@@ -92,8 +94,17 @@ def demo_command(args: DemoArguments) -> None:
     print(f"report: {args.output_dir}/report.md")
 
 
+def evaluate_command(args: EvaluateArguments) -> None:
+    from fifa_hf.evaluation import evaluate
+
+    evaluate(args)
+    print((Path(args.output_dir) / "results.md").read_text())
+    print(f"wrote {args.output_dir}/results.json, results.md and grid.png")
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "demo": (DemoArguments, demo_command),
+    "evaluate": (EvaluateArguments, evaluate_command),
     "filter": (FiFAConfig, filter_command),
     "select": (SelectArguments, select_command),
     "synthetic": (SyntheticArguments, synthetic),

@@ -209,3 +209,32 @@ class PrecomputedReward:
     def __init__(self, column_0: str, column_1: str, name: str = "precomputed"):
         self.columns = (column_0, column_1)
         self.name = name
+
+
+def load_reward_model(spec: str, device: str | None = None, dtype: str = "float32") -> RewardModel:
+    """A reward model from a short spec, as the CLI takes them.
+
+    - ``pickscore``: PickScore v1 with the laion CLIP-H processor;
+    - ``clip:<model id or dir>``: any transformers CLIP checkpoint, scored the PickScore way;
+    - ``open_clip:<architecture>[:<checkpoint or tag>]``: an open_clip model (``hpsv2:<checkpoint>``
+      is ``open_clip:ViT-H-14:<checkpoint>`` named ``hpsv2``);
+    - ``synthetic``: the synthetic world's true reward, read from pixels (for the offline demo).
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "pickscore" and not rest:
+        return CLIPRewardModel(device=device, dtype=dtype)
+    if kind == "clip" and rest:
+        return CLIPRewardModel(rest, device=device, dtype=dtype, name="clip")
+    if kind == "open_clip" and rest:
+        architecture, _, pretrained = rest.partition(":")
+        return OpenCLIPRewardModel(architecture, pretrained or None, device=device, dtype=dtype)
+    if kind == "hpsv2" and rest:
+        return OpenCLIPRewardModel("ViT-H-14", rest, device=device, dtype=dtype, name="hpsv2")
+    if kind == "synthetic" and not rest:
+        from fifa_hf.synthetic import SyntheticTrueReward
+
+        return SyntheticTrueReward()
+    raise ValueError(
+        f"Unknown reward {spec!r}: use pickscore, clip:<model>, open_clip:<arch>[:<checkpoint>], "
+        "hpsv2:<checkpoint> or synthetic."
+    )

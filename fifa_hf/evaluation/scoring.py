@@ -1,0 +1,50 @@
+"""Score generated images with reward models, and compare a model's scores with a baseline's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fifa_hf.evaluation.generation import Generation
+from fifa_hf.evaluation.stats import per_prompt_means, summarize, win_rate
+from fifa_hf.scoring.rewards import RewardModel
+
+
+def score(
+    generations: Sequence[Generation], reward_models: Sequence[RewardModel], batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """One score per generated image and reward model (each model is loaded once, on first use)."""
+    names = [reward.name for reward in reward_models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Reward models need distinct names, got {names}.")
+    scores = {name: np.empty(len(generations), dtype=np.float64) for name in names}
+    for start in range(0, len(generations), batch_size):
+        batch = generations[start : start + batch_size]
+        images = [generation.image() for generation in batch]
+        prompts = [generation.prompt for generation in batch]
+        for reward in reward_models:
+            scores[reward.name][start : start + len(batch)] = reward.score(prompts, images)
+    return scores
+
+
+def compare(
+    generations: Sequence[Generation],
+    scores: dict[str, np.ndarray],
+    baseline_generations: Sequence[Generation] | None = None,
+    baseline_scores: dict[str, np.ndarray] | None = None,
+) -> dict[str, dict]:
+    """Per reward: the model's (and baseline's) summary, and the model's per-prompt win rate over the baseline."""
+    prompt_ids = [g.prompt_index for g in generations]
+    results = {}
+    for name, values in scores.items():
+        entry = {"model": summarize(values)}
+        if baseline_scores is not None and baseline_generations is not None:
+            baseline_values = baseline_scores[name]
+            entry["baseline"] = summarize(baseline_values)
+            entry["win_rate"] = win_rate(
+                per_prompt_means(values, prompt_ids),
+                per_prompt_means(baseline_values, [g.prompt_index for g in baseline_generations]),
+            )
+        results[name] = entry
+    return results
