@@ -89,6 +89,20 @@ def select_command(args: SelectArguments) -> None:
 def demo_command(args: DemoArguments) -> None:
     from fifa_hf.demo import markdown_table, run_demo
 
+    if args.full:
+        from fifa_hf.miniature.experiment import MiniatureArguments, run_experiment
+
+        output_dir = args.output_dir if args.output_dir != "fifa_demo" else "fifa_demo_full"
+        miniature = MiniatureArguments(
+            train_steps=args.train_steps,
+            eval_steps=args.eval_steps,
+            seeds=tuple(range(args.num_seeds)),
+            output_dir=output_dir,
+        )
+        run_experiment(miniature)
+        print((Path(output_dir) / "report.md").read_text())
+        return
+
     table = run_demo(args)
     print(markdown_table(table))
     print(f"report: {args.output_dir}/report.md")

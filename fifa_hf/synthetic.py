@@ -92,6 +92,21 @@ def describe(attributes: Attributes, template: int = 0) -> str:
     )
 
 
+def parse_prompt(prompt: str) -> Attributes | None:
+    """The attributes a grammar prompt asks for (any template, extra words ignored); None if it names none."""
+    words = prompt.lower().replace(",", " ").split()
+    found = {
+        "count": next((COUNTS[w] for w in words if w in COUNTS), None),
+        "color": next((w for w in words if w in COLORS), None),
+        "shape": next((w.rstrip("s") for w in words if w.rstrip("s") in SHAPES), None),
+        "background": next((w for i, w in enumerate(words) if w in BACKGROUNDS and "background" in words[i:]), None),
+        "style": next((w for w in words if w in STYLES), None),
+    }
+    if any(value is None for value in found.values()):
+        return None
+    return Attributes(**found)
+
+
 def render(attributes: Attributes, size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw ``count`` shapes in distinct cells of a 2x2 grid, jittered when ``rng`` is given."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[attributes.background])

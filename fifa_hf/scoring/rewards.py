@@ -231,7 +231,7 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
     if kind == "hpsv2" and rest:
         return OpenCLIPRewardModel("ViT-H-14", rest, device=device, dtype=dtype, name="hpsv2")
     if kind == "synthetic" and not rest:
-        from fifa_hf.synthetic import SyntheticTrueReward
+        from fifa_hf.miniature.true_reward import SyntheticTrueReward
 
         return SyntheticTrueReward()
     raise ValueError(
