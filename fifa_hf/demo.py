@@ -79,24 +79,28 @@ def selection_metrics(rows: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def synthetic_filter_config(output_dir: str | Path, k: float, seed: int, **overrides) -> FiFAConfig:
+    """The offline filter the demos run: simulated proxy reward, heuristic quality, real MiniLM diversity."""
+    return FiFAConfig(
+        dataset="synthetic-pickapic",
+        output_dir=str(output_dir),
+        reward_type="precomputed",
+        reward_columns=",".join(SIMULATED_REWARD_COLUMNS),
+        quality_scorer="heuristic",
+        embedding_model=offline_minilm_path(),
+        k=k,
+        seed=seed,
+        license="apache-2.0",
+        **overrides,
+    )
+
+
 def run_demo(args: DemoArguments) -> pd.DataFrame:
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     rows = make_synthetic_pickapic(args.num_pairs, seed=args.seed, label_temperature=args.label_temperature)
     rows = add_simulated_proxy_reward(rows, args.proxy_noise, args.seed)
-    config = FiFAConfig(
-        dataset="synthetic-pickapic",
-        output_dir=str(output_dir / "subset"),
-        reward_type="precomputed",
-        reward_columns=",".join(SIMULATED_REWARD_COLUMNS),
-        quality_scorer="heuristic",
-        embedding_model=offline_minilm_path(),
-        k=args.k,
-        alpha=args.alpha,
-        gamma=args.gamma,
-        seed=args.seed,
-        license="apache-2.0",
-    )
+    config = synthetic_filter_config(output_dir / "subset", args.k, args.seed, alpha=args.alpha, gamma=args.gamma)
     result = FiFAFilter(config).run(rows)
     truth = rows.select_columns(["caption", "label_0", "true_reward_0", "true_reward_1", "prompt_kind"]).to_pandas()
     table = {

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 
 from fifa_hf.evaluation import GenerationSettings, generate, image_grid, load_for_evaluation
-from fifa_hf.filter import FiFAConfig, FiFAFilter, apply_selection
+from fifa_hf.filter import FiFAFilter, apply_selection
 from fifa_hf.miniature.true_reward import SyntheticTrueReward
 from fifa_hf.miniature.world_model import IMAGE_SIZE, shipped_world_model
 from fifa_hf.synthetic import TEMPLATES, Attributes, describe, make_synthetic_pickapic
@@ -64,21 +64,10 @@ def held_out_prompts(training_captions: set[str], count: int, seed: int) -> list
 
 def build_subsets(rows: datasets.Dataset, args: MiniatureArguments, output_dir: Path) -> dict[str, datasets.Dataset]:
     """The FiFA, QSD and random subsets of one size K, through the real filter, and the full data."""
-    from fifa_hf.demo import SIMULATED_REWARD_COLUMNS, add_simulated_proxy_reward
-    from fifa_hf.scoring.diversity import offline_minilm_path
+    from fifa_hf.demo import add_simulated_proxy_reward, synthetic_filter_config
 
     rows = add_simulated_proxy_reward(rows, args.proxy_noise, args.world_seed)
-    config = FiFAConfig(
-        dataset="synthetic-pickapic",
-        output_dir=str(output_dir / "fifa_subset"),
-        reward_type="precomputed",
-        reward_columns=",".join(SIMULATED_REWARD_COLUMNS),
-        quality_scorer="heuristic",
-        embedding_model=offline_minilm_path(),
-        k=args.subset_fraction,
-        seed=args.world_seed,
-        license="apache-2.0",
-    )
+    config = synthetic_filter_config(output_dir / "fifa_subset", args.subset_fraction, args.world_seed)
     result = FiFAFilter(config).run(rows)
     subsets = {"full": rows}
     for method in ("fifa", "qsd", "random"):
