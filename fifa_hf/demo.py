@@ -47,7 +47,7 @@ class DemoArguments:
         default=False,
         metadata={
             "help": "Run the miniature replication instead: Diffusion-DPO on FiFA / full / random / QSD data of the "
-            "synthetic world, true reward vs step (about 15 minutes on 2 cores). Only the options below apply."
+            "synthetic world, true reward vs step (about 12 minutes on 2 cores). Only the options below apply."
         },
     )
     train_steps: int = field(default=150, metadata={"help": "--full: Diffusion-DPO steps per run."})

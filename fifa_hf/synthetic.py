@@ -93,7 +93,7 @@ def describe(attributes: Attributes, template: int = 0) -> str:
 
 
 def parse_prompt(prompt: str) -> Attributes | None:
-    """The attributes a grammar prompt asks for (any template, extra words ignored); None if it names none."""
+    """The attributes a grammar prompt asks for (any template, extra words ignored); None unless it names all five."""
     words = prompt.lower().replace(",", " ").split()
     found = {
         "count": next((COUNTS[w] for w in words if w in COUNTS), None),

@@ -158,10 +158,10 @@ def _write_markdown(output_dir: Path, results: dict[str, Any]) -> None:
 def _write_grid(
     output_dir: Path, generations: list[Generation], baseline: list[Generation] | None, count: int
 ) -> None:
-    first = [g for g in generations if g.image_index == 0][:count]
-    if not first:
+    # Model and baseline come from the same prompts and settings, so their generations align by position.
+    shown = [i for i, g in enumerate(generations) if g.image_index == 0][:count]
+    if not shown:
         return
-    by_key = {(g.prompt_index, g.image_index): g for g in baseline or []}
-    rows = [[g.image()] + ([by_key[(g.prompt_index, 0)].image()] if baseline else []) for g in first]
+    rows = [[generations[i].image()] + ([baseline[i].image()] if baseline else []) for i in shown]
     labels = ["model", "baseline"] if baseline else ["model"]
-    image_grid(rows, [g.prompt for g in first], labels).save(output_dir / "grid.png")
+    image_grid(rows, [generations[i].prompt for i in shown], labels).save(output_dir / "grid.png")

@@ -124,6 +124,13 @@ def _sampling(args: MiniatureArguments) -> GenerationSettings:
     )
 
 
+def _samples(pipeline, args: MiniatureArguments, prompts: list[str], name: str, source: dict[str, Any]) -> list:
+    """Samples on the first 8 held-out prompts. ``source`` says which model drew them, so a re-run in the
+    same output_dir with other settings is refused instead of silently showing stale images."""
+    directory = Path(args.output_dir) / "samples" / name
+    return generate(pipeline, prompts[:8], directory, _sampling(args), source=source)
+
+
 def first_step_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, value in curve if value >= target), None)
 
@@ -167,14 +174,16 @@ def run_experiment(args: MiniatureArguments) -> dict[str, Any]:
     prompts = held_out_prompts(set(rows["caption"]), args.eval_prompts, args.world_seed)
     subsets = build_subsets(rows, args, output_dir)
     base = load_for_evaluation(model, None, "cpu", "float32")
-    runs, samples = [], {"base": generate(base, prompts[:8], output_dir / "samples" / "base", _sampling(args))}
+    samples = {"base": _samples(base, args, prompts, "base", {"model": model})}
+    runs = []
     for arm in args.arms:
         for seed in args.seeds:
             run, pipeline = train_arm(arm, subsets[arm], seed, prompts, args, model)
             runs.append(run)
             print(f"{arm} seed {seed}: " + ", ".join(f"{s}: {v:.3f}" for s, v in run["curve"]), flush=True)
             if seed == args.seeds[0]:
-                samples[arm] = generate(pipeline, prompts[:8], output_dir / "samples" / arm, _sampling(args))
+                source = {"model": model, "arm": arm, "seed": seed, "arguments": dataclasses.asdict(args)}
+                samples[arm] = _samples(pipeline, args, prompts, arm, source)
     summary = summarize_runs(runs, args.arms)
     results = {
         "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()},
