@@ -18,7 +18,7 @@ RUN = """
 import json, resource, statistics, sys, time, torch
 from peft import LoraConfig
 from transformers import TrainerCallback
-from fifa_hf.synthetic import make_synthetic_pickapic
+from fifa_hf.world.synthetic import make_synthetic_pickapic
 from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 
 model, out, cache, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])

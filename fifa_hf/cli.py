@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from fifa_hf.demo import DemoArguments
+from fifa_hf.world.demo import DemoArguments
 from fifa_hf.evaluation.evaluate import EvaluateArguments
 from fifa_hf.filter import FiFAConfig
 
@@ -28,7 +28,7 @@ def synthetic(args: SyntheticArguments) -> None:
     import numpy as np
 
     from fifa_hf.data import to_preference_pairs
-    from fifa_hf.synthetic import make_synthetic_pickapic
+    from fifa_hf.world.synthetic import make_synthetic_pickapic
 
     rows = make_synthetic_pickapic(args.num_pairs, seed=args.seed)
     _, report = to_preference_pairs(rows)
@@ -87,10 +87,10 @@ def select_command(args: SelectArguments) -> None:
 
 
 def demo_command(args: DemoArguments) -> None:
-    from fifa_hf.demo import markdown_table, run_demo
+    from fifa_hf.world.demo import markdown_table, run_demo
 
     if args.full:
-        from fifa_hf.miniature.experiment import MiniatureArguments, run_experiment
+        from fifa_hf.world.miniature import MiniatureArguments, run_experiment
 
         output_dir = args.output_dir if args.output_dir != "fifa_demo" else "fifa_demo_full"
         miniature = MiniatureArguments(

@@ -43,6 +43,6 @@ def tiny_sdxl_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_pickapic():
-    from fifa_hf.synthetic import make_synthetic_pickapic
+    from fifa_hf.world.synthetic import make_synthetic_pickapic
 
     return make_synthetic_pickapic(300, seed=1)

@@ -17,7 +17,7 @@ from fifa_hf.scoring.diversity import offline_minilm_path
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    from fifa_hf.synthetic import make_synthetic_pickapic
+    from fifa_hf.world.synthetic import make_synthetic_pickapic
 
     path = tmp_path_factory.mktemp("source") / "pickapic"
     make_synthetic_pickapic(400, seed=3).save_to_disk(path)

@@ -3,7 +3,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from fifa_hf.synthetic import Attributes, bradley_terry_probability, make_synthetic_pickapic, render
+from fifa_hf.world.synthetic import Attributes, bradley_terry_probability, make_synthetic_pickapic, render
 
 
 def test_columns_and_determinism(synthetic_pickapic):

@@ -211,6 +211,9 @@ class PrecomputedReward:
         self.name = name
 
 
+REWARD_ENTRY_POINTS = "fifa_hf.rewards"
+
+
 def load_reward_model(spec: str, device: str | None = None, dtype: str = "float32") -> RewardModel:
     """A reward model from a short spec, as the CLI takes them.
 
@@ -218,7 +221,8 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
     - ``clip:<model id or dir>``: any transformers CLIP checkpoint, scored the PickScore way;
     - ``open_clip:<architecture>[:<checkpoint or tag>]``: an open_clip model (``hpsv2:<checkpoint>``
       is ``open_clip:ViT-H-14:<checkpoint>`` named ``hpsv2``);
-    - ``synthetic``: the synthetic world's true reward, read from pixels (for the offline demo).
+    - any name registered under the ``fifa_hf.rewards`` entry point group (a class taking no
+      arguments), e.g. ``synthetic``: the synthetic world's true reward, read from pixels.
     """
     kind, _, rest = spec.partition(":")
     if kind == "pickscore" and not rest:
@@ -230,11 +234,12 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
         return OpenCLIPRewardModel(architecture, pretrained or None, device=device, dtype=dtype)
     if kind == "hpsv2" and rest:
         return OpenCLIPRewardModel("ViT-H-14", rest, device=device, dtype=dtype, name="hpsv2")
-    if kind == "synthetic" and not rest:
-        from fifa_hf.miniature.true_reward import SyntheticTrueReward
+    from importlib.metadata import entry_points
 
-        return SyntheticTrueReward()
+    registered = {point.name: point for point in entry_points(group=REWARD_ENTRY_POINTS)}
+    if kind in registered and not rest:
+        return registered[kind].load()()
     raise ValueError(
         f"Unknown reward {spec!r}: use pickscore, clip:<model>, open_clip:<arch>[:<checkpoint>], "
-        "hpsv2:<checkpoint> or synthetic."
+        f"hpsv2:<checkpoint> or a registered name ({', '.join(sorted(registered)) or 'none installed'})."
     )

@@ -20,7 +20,7 @@ import pandas as pd
 from fifa_hf.filter import FiFAConfig, FiFAFilter, apply_selection
 from fifa_hf.scoring.diversity import offline_minilm_path
 from fifa_hf.selection import METHODS
-from fifa_hf.synthetic import make_synthetic_pickapic
+from fifa_hf.world.synthetic import HARM_PREFERENCE, make_synthetic_pickapic
 
 SIMULATED_REWARD_COLUMNS = ("simulated_proxy_reward_0", "simulated_proxy_reward_1")
 
@@ -55,11 +55,27 @@ class DemoArguments:
     num_seeds: int = field(default=3, metadata={"help": "--full: training seeds per arm."})
 
 
-def add_simulated_proxy_reward(rows: datasets.Dataset, noise: float, seed: int) -> datasets.Dataset:
-    """A stand-in for PickScore: the true reward plus N(0, noise^2), clearly named as a simulation."""
+def add_simulated_proxy_reward(
+    rows: datasets.Dataset, noise: float, seed: int, erratic_junk: bool = True
+) -> datasets.Dataset:
+    """A stand-in for PickScore, clearly named as a simulation (the rules are in ``docs/world.md``).
+
+    On clean and unsafe prompts it is the prompter's utility (the true reward, plus the harm
+    preference that a reward model trained on Pick-a-Pic's raw preferences learns) plus N(0, noise^2).
+    On junk prompts it is erratic: as widely spread as on clean prompts, but unrelated to the images
+    (``erratic_junk=False`` gives world version 1, where junk gets the same small noise as the rest).
+    """
     rng = np.random.default_rng(seed + 1)
-    for name, truth in zip(SIMULATED_REWARD_COLUMNS, ("true_reward_0", "true_reward_1")):
-        rows = rows.add_column(name, (np.asarray(rows[truth]) + rng.normal(0, noise, len(rows))).tolist())
+    junk = np.asarray(rows["prompt_kind"]) == "junk"
+    columns = {}
+    for name, index in zip(SIMULATED_REWARD_COLUMNS, "01"):
+        utility = np.asarray(rows[f"true_reward_{index}"]) + HARM_PREFERENCE * np.asarray(rows[f"harm_{index}"])
+        columns[name] = utility + rng.normal(0, noise, len(rows))
+    spread = np.concatenate([columns[name][~junk] for name in SIMULATED_REWARD_COLUMNS]).std()
+    for name in SIMULATED_REWARD_COLUMNS:
+        if erratic_junk:
+            columns[name][junk] = rng.normal(0, spread, int(junk.sum()))
+        rows = rows.add_column(name, columns[name].tolist())
     return rows
 
 

@@ -21,9 +21,9 @@ import numpy as np
 
 from fifa_hf.evaluation import GenerationSettings, generate, image_grid, load_for_evaluation
 from fifa_hf.filter import FiFAFilter, apply_selection
-from fifa_hf.miniature.true_reward import SyntheticTrueReward
-from fifa_hf.miniature.world_model import IMAGE_SIZE, shipped_world_model
-from fifa_hf.synthetic import TEMPLATES, Attributes, describe, make_synthetic_pickapic
+from fifa_hf.world.true_reward import SyntheticTrueReward
+from fifa_hf.world.world_model import IMAGE_SIZE, shipped_world_model
+from fifa_hf.world.synthetic import TEMPLATES, Attributes, describe, make_synthetic_pickapic
 
 ARMS = ("fifa", "full", "random", "qsd")
 
@@ -64,7 +64,7 @@ def held_out_prompts(training_captions: set[str], count: int, seed: int) -> list
 
 def build_subsets(rows: datasets.Dataset, args: MiniatureArguments, output_dir: Path) -> dict[str, datasets.Dataset]:
     """The FiFA, QSD and random subsets of one size K, through the real filter, and the full data."""
-    from fifa_hf.demo import add_simulated_proxy_reward, synthetic_filter_config
+    from fifa_hf.world.demo import add_simulated_proxy_reward, synthetic_filter_config
 
     rows = add_simulated_proxy_reward(rows, args.proxy_noise, args.world_seed)
     config = synthetic_filter_config(output_dir / "fifa_subset", args.subset_fraction, args.world_seed)
@@ -200,7 +200,7 @@ def run_experiment(args: MiniatureArguments) -> dict[str, Any]:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     _plot_curves(output_dir / "reward_curve.png", summary)
     _sample_grid(output_dir / "samples.png", samples)
-    from fifa_hf.miniature.report import write_report
+    from fifa_hf.world.miniature_report import write_report
 
     write_report(output_dir, results)
     return results

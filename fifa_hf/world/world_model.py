@@ -7,7 +7,7 @@ on renders whose attributes match their prompt only partly (each attribute is ke
 between 0.2 and 1, as in the synthetic Pick-a-Pic), so the model follows prompts only partly and
 preference alignment has room to help. The weights (a few MB) ship in ``fifa_hf/resources/world_model``:
 
-    python -m fifa_hf.miniature.world_model --output_dir fifa_hf/resources/world_model
+    python -m fifa_hf.world.world_model --output_dir fifa_hf/resources/world_model
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fifa_hf.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, STYLES, TEMPLATES, Attributes, describe, perturb
-from fifa_hf.synthetic import render as render_attributes
+from fifa_hf.world.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, STYLES, TEMPLATES, Attributes, describe, perturb
+from fifa_hf.world.synthetic import render as render_attributes
 from fifa_hf.testing import _byte_alphabet
 
 IMAGE_SIZE = 32
@@ -160,7 +160,7 @@ def shipped_world_model() -> Path:
     """The directory of the pre-trained world pipeline that ships with the package."""
     path = Path(str(resources.files("fifa_hf").joinpath("resources/world_model")))
     if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"No pre-trained world model at {path}; run python -m fifa_hf.miniature.world_model")
+        raise FileNotFoundError(f"No pre-trained world model at {path}; run python -m fifa_hf.world.world_model")
     return path
 
 

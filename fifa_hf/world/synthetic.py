@@ -1,9 +1,12 @@
-"""A synthetic Pick-a-Pic whose true reward is known.
+"""A synthetic Pick-a-Pic whose true reward is known (the world is specified in ``docs/world.md``).
 
 Prompts come from a small compositional grammar (count, colour, shape, background, style). Each
 image is rendered with PIL and matches its prompt's attributes to a varying degree; the true reward
-is the fraction of attributes it gets right. Human labels are a Bradley-Terry draw on the true
-rewards, so the label noise is known exactly and FiFA's selection can be judged against the truth.
+is the fraction of attributes it gets right. Images for unsafe prompts may show a **harm marker**
+(a magenta frame, readable from pixels), and the people who wrote those prompts prefer the image
+that shows it, as Pick-a-Pic's prompters rate their own requests. Human labels are a Bradley-Terry
+draw on that utility, so the label noise is known exactly and a selection can be judged against the
+truth: prompt fidelity, with any harmful image worse than any harmless one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ TEMPLATES = (
 JUNK_WORDS = ("asdf", "qwerty", "lol", "zzz", "test", "hmm", "xd", "aaaa", "???", "!!!", "123", "ok")
 UNSAFE_SUFFIXES = ("nsfw, nude", "gore, blood, violent", "hateful slur")
 PROMPT_KINDS = ("clean", "junk", "unsafe")
+HARM_COLOR = (255, 0, 255)  # magenta: far from every shape colour and background in the palettes
+HARM_PROBABILITY = 0.5  # chance that an image for an unsafe prompt shows the harm (docs/world.md)
+HARM_PREFERENCE = 0.2  # the unsafe request counts as one more attribute asked for (docs/world.md)
+HARM_PENALTY = 1.0  # in the truth, a harmful image is worse than any harmless one
+
+
+def harm_band(size: int) -> int:
+    """Width in pixels of the image's edge band: the harm marker's frame when shown, else background.
+    Shapes are drawn inside it, so the marker never covers them."""
+    return max(2, size // 16)
 
 
 @dataclass(frozen=True)
@@ -107,17 +120,21 @@ def parse_prompt(prompt: str) -> Attributes | None:
     return Attributes(**found)
 
 
-def render(attributes: Attributes, size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw ``count`` shapes in distinct cells of a 2x2 grid, jittered when ``rng`` is given."""
+def render(
+    attributes: Attributes, size: int = 64, rng: np.random.Generator | None = None, harm: bool = False
+) -> Image.Image:
+    """Draw ``count`` shapes in distinct cells of a 2x2 grid inside the edge band, jittered when ``rng``
+    is given; with ``harm``, the band is the harm marker's magenta frame."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[attributes.background])
     draw = ImageDraw.Draw(image)
-    cell = size // 2
+    band = harm_band(size)
+    cell = (size - 2 * band) / 2
     cells = rng.permutation(4)[: attributes.count] if rng is not None else range(attributes.count)
     radius = cell * 0.35
     width = max(2, size // 24)
     for index in cells:
-        cx = (index % 2) * cell + cell / 2
-        cy = (index // 2) * cell + cell / 2
+        cx = band + (index % 2) * cell + cell / 2
+        cy = band + (index // 2) * cell + cell / 2
         if rng is not None:
             cx, cy = cx + rng.uniform(-1, 1) * cell * 0.08, cy + rng.uniform(-1, 1) * cell * 0.08
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
@@ -130,7 +147,14 @@ def render(attributes: Attributes, size: int = 64, rng: np.random.Generator | No
         else:
             points = [(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)]
             draw.polygon(points, fill=fill, outline=outline, width=width)
+    if harm:
+        draw.rectangle((0, 0, size - 1, size - 1), outline=HARM_COLOR, width=band)
     return image
+
+
+def truth(true_reward: np.ndarray, harm: np.ndarray) -> np.ndarray:
+    """What alignment should optimise: prompt fidelity, with any harmful image ranked below any harmless one."""
+    return np.asarray(true_reward, dtype=np.float64) - HARM_PENALTY * np.asarray(harm, dtype=np.float64)
 
 
 def encode(image: Image.Image, image_format: str = "JPEG") -> bytes:
@@ -160,12 +184,17 @@ def make_synthetic_pickapic(
     unlabeled_fraction: float = 0.01,
     identical_fraction: float = 0.01,
     image_format: str = "JPEG",
+    harm_probability: float = HARM_PROBABILITY,
+    harm_preference: float = HARM_PREFERENCE,
 ) -> datasets.Dataset:
-    """Pick-a-Pic-shaped rows (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``, ...) plus the truth.
+    """Pick-a-Pic-shaped rows (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``, ...) plus the truth
+    (``prompt_kind``, ``true_reward_*``, ``harm_*``).
 
     ``label_temperature`` is the label-noise knob: the human prefers image 0 with probability
-    ``sigmoid((true_reward_0 - true_reward_1) / label_temperature)``. A ``tie_fraction`` of labels is
-    0.5, and small fractions are unlabeled or show two identical images, as in Pick-a-Pic v2.
+    ``sigmoid((utility_0 - utility_1) / label_temperature)``, where the utility is the true reward
+    plus ``harm_preference`` for an image showing the harm (only unsafe prompts' images do, each with
+    ``harm_probability``). A ``tie_fraction`` of labels is 0.5, and small fractions are unlabeled or
+    show two identical images, as in Pick-a-Pic v2.
     """
     rng = np.random.default_rng(seed)
     num_prompts = max(1, math.ceil(num_pairs / pairs_per_prompt))
@@ -186,22 +215,24 @@ def make_synthetic_pickapic(
         name: []
         for name in (
             "ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
-            "prompt_kind", "true_reward_0", "true_reward_1",
+            "prompt_kind", "true_reward_0", "true_reward_1", "harm_0", "harm_1",
         )
     }  # fmt: skip
     for pair, p in enumerate(prompt_index):
         identical = rng.random() < identical_fraction
         shown = [perturb(targets[p], rng.uniform(0.2, 1.0), rng) for _ in range(2)]
+        harm = [kinds[p] == "unsafe" and bool(rng.random() < harm_probability) for _ in range(2)]
         if identical:
-            shown[1] = shown[0]
-        images = [render(attributes, image_size, rng) for attributes in shown]
+            shown[1], harm[1] = shown[0], harm[0]
+        images = [render(attributes, image_size, rng, harm=h) for attributes, h in zip(shown, harm)]
         if identical:
             images[1] = images[0]
         rewards = [0.0, 0.0] if kinds[p] == "junk" else [targets[p].match(a) for a in shown]
+        utility = [reward + harm_preference * h for reward, h in zip(rewards, harm)]
         if rng.random() < tie_fraction:
             label_0 = 0.5
         else:
-            label_0 = float(rng.random() < bradley_terry_probability(rewards[0], rewards[1], label_temperature))
+            label_0 = float(rng.random() < bradley_terry_probability(utility[0], utility[1], label_temperature))
         columns["ranking_id"].append(pair)
         columns["caption"].append(prompts[p])
         columns["jpg_0"].append(encode(images[0], image_format))
@@ -213,6 +244,8 @@ def make_synthetic_pickapic(
         columns["prompt_kind"].append(str(kinds[p]))
         columns["true_reward_0"].append(rewards[0])
         columns["true_reward_1"].append(rewards[1])
+        columns["harm_0"].append(harm[0])
+        columns["harm_1"].append(harm[1])
     features = datasets.Features(
         {
             "ranking_id": datasets.Value("int64"),
@@ -226,6 +259,8 @@ def make_synthetic_pickapic(
             "prompt_kind": datasets.Value("string"),
             "true_reward_0": datasets.Value("float64"),
             "true_reward_1": datasets.Value("float64"),
+            "harm_0": datasets.Value("bool"),
+            "harm_1": datasets.Value("bool"),
         }
     )
     return datasets.Dataset.from_dict(columns, features=features)

@@ -1,0 +1,8 @@
+"""The synthetic world: a Pick-a-Pic whose truth is known, and everything that measures FiFA against it.
+
+``synthetic`` makes the data (prompts, rendered images, labels), ``true_reward`` reads what an image
+shows back from its pixels, ``world_model`` is a tiny text-to-image model of the world, ``demo`` compares
+selection methods against the truth and ``miniature`` trains on their subsets. The library's lower
+layers never import this package; the true reward reaches ``load_reward_model("synthetic")`` through
+the ``fifa_hf.rewards`` entry point.
+"""
