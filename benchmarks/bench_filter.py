@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     sizes = parser.parse_args().sizes
     from fifa_hf.scoring.diversity import offline_minilm_path
-    from fifa_hf.world.synthetic import make_synthetic_pickapic
     from fifa_hf.testing import save_tiny_clip, save_tiny_llm
+    from fifa_hf.world.synthetic import make_synthetic_pickapic
 
     results = {}
     with tempfile.TemporaryDirectory() as directory:

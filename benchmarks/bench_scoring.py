@@ -22,8 +22,8 @@ from fifa_hf.data import to_preference_pairs
 from fifa_hf.scoring import CLIPRewardModel, HeuristicQualityScorer, MarginScorer, add_prompt_signals
 from fifa_hf.scoring.diversity import knn_distances, knn_search
 from fifa_hf.scoring.images import CLIPImageTransform, decode_image
-from fifa_hf.world.synthetic import make_synthetic_pickapic
 from fifa_hf.testing import save_tiny_clip
+from fifa_hf.world.synthetic import make_synthetic_pickapic
 
 
 def timed(function, repeats: int = 3) -> float:

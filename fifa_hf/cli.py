@@ -10,9 +10,9 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from fifa_hf.world.demo import DemoArguments
 from fifa_hf.evaluation.evaluate import EvaluateArguments
 from fifa_hf.filter import FiFAConfig
+from fifa_hf.world.demo import DemoArguments
 
 
 @dataclass

@@ -23,8 +23,8 @@ from fifa_hf.evaluation import (
     win_rate,
 )
 from fifa_hf.scoring import CLIPRewardModel
-from fifa_hf.world.synthetic import make_synthetic_pickapic
 from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from fifa_hf.world.synthetic import make_synthetic_pickapic
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on a black background"]
 

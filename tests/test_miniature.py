@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fifa_hf.world.miniature import MiniatureArguments, build_subsets, run_experiment, train_arm
+from fifa_hf.world.synthetic import Attributes, describe, make_synthetic_pickapic, parse_prompt, perturb, render
 from fifa_hf.world.true_reward import SyntheticTrueReward, read_attributes, true_reward
 from fifa_hf.world.world_model import IMAGE_SIZE, build_world_pipeline, shipped_world_model
-from fifa_hf.world.synthetic import Attributes, describe, make_synthetic_pickapic, parse_prompt, perturb, render
 
 
 def test_the_checker_reads_back_what_was_rendered():

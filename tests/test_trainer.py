@@ -11,8 +11,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 
-from fifa_hf.world.synthetic import make_synthetic_pickapic
 from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from fifa_hf.world.synthetic import make_synthetic_pickapic
 
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
 

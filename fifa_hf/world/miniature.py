@@ -21,9 +21,9 @@ import numpy as np
 
 from fifa_hf.evaluation import GenerationSettings, generate, image_grid, load_for_evaluation
 from fifa_hf.filter import FiFAFilter, apply_selection
+from fifa_hf.world.synthetic import TEMPLATES, Attributes, describe, make_synthetic_pickapic
 from fifa_hf.world.true_reward import SyntheticTrueReward
 from fifa_hf.world.world_model import IMAGE_SIZE, shipped_world_model
-from fifa_hf.world.synthetic import TEMPLATES, Attributes, describe, make_synthetic_pickapic
 
 ARMS = ("fifa", "full", "random", "qsd")
 

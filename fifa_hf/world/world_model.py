@@ -21,9 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fifa_hf.world.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, STYLES, TEMPLATES, Attributes, describe, perturb
-from fifa_hf.world.synthetic import render as render_attributes
 from fifa_hf.testing import _byte_alphabet
+from fifa_hf.world.synthetic import (
+    BACKGROUNDS,
+    COLORS,
+    COUNTS,
+    SHAPES,
+    STYLES,
+    TEMPLATES,
+    Attributes,
+    describe,
+    perturb,
+)
+from fifa_hf.world.synthetic import render as render_attributes
 
 IMAGE_SIZE = 32
 MAX_TOKENS = 24
