@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import import_module
 
 
 @contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Silence the bars diffusers (``Loading pipeline components``) and transformers (``Loading weights``)
-    draw while loading a model, a cheap step; they are restored afterwards if they were on."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    enabled = [(module, module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
-    for module, _ in enabled:
+def quiet_loading(libraries: tuple[str, ...] = ("diffusers", "transformers")) -> Iterator[None]:
+    """Silence the bars ``libraries`` draw while loading a model, a cheap step (diffusers' ``Loading pipeline
+    components``, transformers' ``Loading weights``); they are restored afterwards if they were on."""
+    modules = [import_module(f"{library}.utils.logging") for library in libraries]
+    enabled = [(module, module.is_progress_bar_enabled()) for module in modules]
+    for module in modules:
         module.disable_progress_bar()
     try:
         yield

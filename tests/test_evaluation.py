@@ -2,6 +2,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -271,3 +272,53 @@ def test_pipeline_download_patterns_fetch_what_loads_and_skip_the_rest(tmp_path,
         (download / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(repo / name, download / name)
     assert load_for_evaluation(str(download), None, "cpu", "float32").unet is not None
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A stand-in for the Hub's file server: repos are local folders, and a snapshot copies the files that
+    match ``allow_patterns`` (as the real one downloads only those). Returns the repos root and the calls."""
+    repos, calls = tmp_path / "hub", []
+
+    def snapshot_download(repo_id, repo_type="model", revision=None, allow_patterns=None, etag_timeout=None):
+        calls.append((repo_id, allow_patterns))
+        source, target = repos / repo_id, tmp_path / "cache" / repo_id
+        files = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / name, target / name)
+        target.mkdir(parents=True, exist_ok=True)
+        return str(target)
+
+    monkeypatch.setattr("fifa_hf.resolve.snapshot_download", snapshot_download)
+    return repos, calls
+
+
+def test_a_clip_reward_resolves_to_the_files_it_loads(fake_hub, tiny_clip_path):
+    repos, calls = fake_hub
+    shutil.copytree(tiny_clip_path, repos / "someone" / "clip")
+    (repos / "someone" / "clip" / "pytorch_model.bin").write_bytes(b"the same weights again")
+    reward = CLIPRewardModel("someone/clip", device="cpu")
+    reward.resolve("--reward")
+    assert reward.name == "clip" and [repo for repo, _ in calls] == ["someone/clip", "someone/clip"]
+    fetched = {p.name for p in Path(reward.model_name_or_path).iterdir()}
+    assert "model.safetensors" in fetched and "pytorch_model.bin" not in fetched
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    local = CLIPRewardModel(str(tiny_clip_path), device="cpu")
+    assert reward.score(["a red square"], [image]) == pytest.approx(local.score(["a red square"], [image]))
+
+
+def test_open_clip_weights_resolve_to_safetensors_when_the_repo_has_them(fake_hub):
+    from fifa_hf.scoring.rewards import _resolve_open_clip_weights
+
+    repos, calls = fake_hub
+    for repo, weights in (("laion/both", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]),
+                          ("laion/bin-only", ["open_clip_pytorch_model.bin"])):  # fmt: skip
+        (repos / repo).mkdir(parents=True)
+        for name in ["open_clip_config.json", *weights]:
+            (repos / repo / name).write_text(name)
+    both = Path(_resolve_open_clip_weights("laion/both", "open_clip_pytorch_model.bin", "--reward"))
+    assert sorted(p.name for p in both.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    bin_only = Path(_resolve_open_clip_weights("laion/bin-only", "open_clip_pytorch_model.bin", "--reward"))
+    assert sorted(p.name for p in bin_only.iterdir()) == ["open_clip_config.json", "open_clip_pytorch_model.bin"]
+    assert [repo for repo, _ in calls] == ["laion/both", "laion/bin-only", "laion/bin-only"]

@@ -28,7 +28,7 @@ def score(
         raise ValueError(f"Reward models need distinct names, got {names}; pass name= to tell them apart.")
     scores = {name: np.empty(len(generations), dtype=np.float64) for name in names}
     bar = tqdm(total=len(generations), desc=f"Scoring images ({', '.join(names)})", unit="image", disable=not progress)
-    with bar, quiet_loading():
+    with bar, quiet_loading(("transformers",)):  # reward models load through transformers
         for start in range(0, len(generations), batch_size):
             batch = generations[start : start + batch_size]
             images = [generation.image() for generation in batch]

@@ -196,9 +196,7 @@ class OpenCLIPRewardModel(_ContrastiveReward):
             directory = resolve_local_path(self.model_name.removeprefix("local-dir:"), flag)
             self.model_name = f"local-dir:{directory}"
         elif self.model_name.startswith("hf-hub:"):
-            directory = resolve_hub_reference(
-                self.model_name.removeprefix("hf-hub:"), flag, allow_patterns=OPEN_CLIP_FILES
-            )
+            directory = _resolve_open_clip_weights(self.model_name.removeprefix("hf-hub:"), OPEN_CLIP_WEIGHTS, flag)
             self.model_name = f"local-dir:{directory}"
         elif self.model_name not in open_clip.list_models():
             raise ResolutionError(
@@ -214,9 +212,12 @@ class OpenCLIPRewardModel(_ContrastiveReward):
                     f"{flag}: {self.pretrained!r} is neither a checkpoint file nor a pretrained tag of {self.model_name} "
                     f"({', '.join(tags) or 'it has none'})."
                 )
-            repo = open_clip.get_pretrained_cfg(self.model_name, self.pretrained).get("hf_hub", "").strip("/")
-            if repo:  # download now into the cache open_clip reads; the tag keeps its preprocessing settings
-                resolve_hub_reference(repo, flag, allow_patterns=OPEN_CLIP_FILES)
+            location = open_clip.get_pretrained_cfg(self.model_name, self.pretrained).get("hf_hub", "")
+            if location:  # download now into the cache open_clip reads; the tag keeps its preprocessing settings
+                repo, weights = location.rstrip("/"), OPEN_CLIP_WEIGHTS
+                if not location.endswith("/"):
+                    repo, weights = repo.rsplit("/", 1)
+                _resolve_open_clip_weights(repo, weights, flag)
 
     def _load(self):
         try:
@@ -245,7 +246,17 @@ class OpenCLIPRewardModel(_ContrastiveReward):
 
 
 OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
-OPEN_CLIP_FILES = ["open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "*.txt"]
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+
+
+def _resolve_open_clip_weights(repo: str, weights: str, flag: str) -> str:
+    """The snapshot of an open_clip Hub repo with its config and the weights open_clip reads: the
+    safetensors twin of ``weights`` when the repo has one (as open_clip prefers), else ``weights``."""
+    safe = "open_clip_model.safetensors" if weights == OPEN_CLIP_WEIGHTS else weights.replace(".bin", ".safetensors")
+    directory = resolve_hub_reference(repo, flag, allow_patterns=["open_clip_config.json", "*.txt", safe])
+    if not (Path(directory) / safe).exists():
+        directory = resolve_hub_reference(repo, flag, allow_patterns=[weights])
+    return directory
 
 
 def _looks_like_file(reference: str) -> bool:
