@@ -29,6 +29,7 @@ from fifa_hf.evaluation import (
 )
 from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, ResolutionError
 from fifa_hf.scoring import CLIPRewardModel
+from fifa_hf.testing import tiny_sd_pipeline
 from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from fifa_hf.world.synthetic import make_synthetic_pickapic
 from fifa_hf.world.true_reward import true_reward
@@ -207,9 +208,16 @@ def test_reward_callback_logs_beside_the_trainer_and_sends_samples_to_tensorboar
         trainer, PROMPTS[:2], [reward], eval_steps=2, settings=GenerationSettings(num_inference_steps=2)
     )
     trainer.add_callback(callback)
+    # Samples another model left in the same output_dir, under the names this run's samples will have.
+    stale = generate(
+        tiny_sd_pipeline(seed=1), PROMPTS[:2], tmp_path / "out" / "eval_samples" / "step-0", callback.settings
+    )
+    stale_pixels = [np.asarray(g.image()) for g in stale]
     trainer.train()
 
     assert [step for step, _ in callback.history] == [0, 2, 4]
+    fresh = [np.asarray(Image.open(g.path).convert("RGB")) for g in stale]  # same paths, new images
+    assert all(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(fresh, stale_pixels))
     history = trainer.state.log_history
     logged = [(e["step"], e["eval_reward/tiny-clip"]) for e in history if "eval_reward/tiny-clip" in e]
     assert logged == [(step, means["tiny-clip"]) for step, means in callback.history]
@@ -264,6 +272,8 @@ def test_pipeline_download_patterns_fetch_what_loads_and_skip_the_rest(tmp_path,
     for decoy in decoys:
         (repo / decoy).parent.mkdir(exist_ok=True)
         (repo / decoy).write_bytes(b"not loaded")
+    (repo / "feature_extractor").mkdir(exist_ok=True)  # SD1.5's image processor config: small, listed in model_index
+    (repo / "feature_extractor" / "preprocessor_config.json").write_text("{}")
     files = [path.relative_to(repo).as_posix() for path in repo.rglob("*") if path.is_file()]
     fetched = set(filter_repo_objects(files, allow_patterns=DIFFUSERS_PIPELINE_FILES))
     assert fetched == set(files) - set(decoys)
