@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         top.print_help()
         return
-    namespace, rest = top.parse_known_args(argv[:1])
+    namespace, _ = top.parse_known_args(argv[:1])
     command = COMMANDS[namespace.command]
     from trl import TrlParser
 

@@ -147,7 +147,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
                 args.baseline_lora,
                 "--baseline_model_name_or_path",
                 "--baseline_lora",
-            )  # fmt: skip
+            )
         )
     elif args.baseline_lora:
         raise ValueError("--baseline_lora needs --baseline_model_name_or_path (the pipeline to load it on).")

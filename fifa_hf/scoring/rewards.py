@@ -114,11 +114,10 @@ class CLIPRewardModel(_ContrastiveReward):
     ):
         super().__init__(device, dtype)
         self.model_name_or_path = str(model_name_or_path)
+        is_pickscore = self.model_name_or_path == PICKSCORE_MODEL
         if processor_name_or_path is None:
-            is_pickscore = self.model_name_or_path == PICKSCORE_MODEL
             processor_name_or_path = PICKSCORE_PROCESSOR if is_pickscore else self.model_name_or_path
         self.processor_name_or_path = str(processor_name_or_path)
-        is_pickscore = self.model_name_or_path == PICKSCORE_MODEL
         self.name = name or ("pickscore" if is_pickscore else _last_component(self.model_name_or_path))
 
     def resolve(self, flag: str) -> None:
@@ -180,9 +179,8 @@ class OpenCLIPRewardModel(_ContrastiveReward):
     ):
         super().__init__(device, dtype)
         self.model_name, self.pretrained = model_name, pretrained
-        schema, _, location = model_name.partition(":") if model_name.startswith(OPEN_CLIP_SCHEMAS) else ("", "", "")
-        if name is None and location:
-            name = _last_component(location)
+        if name is None and model_name.startswith(OPEN_CLIP_SCHEMAS):
+            name = _last_component(model_name.split(":", 1)[1])
         elif name is None:
             name = Path(pretrained).stem if pretrained and Path(pretrained).suffix else model_name
         self.name = name
