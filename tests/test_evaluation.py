@@ -29,6 +29,7 @@ from fifa_hf.evaluation import (
 )
 from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, ResolutionError
 from fifa_hf.scoring import CLIPRewardModel
+from fifa_hf.scoring.rewards import load_reward_model
 from fifa_hf.testing import tiny_sd_pipeline
 from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from fifa_hf.world.synthetic import make_synthetic_pickapic
@@ -332,3 +333,20 @@ def test_open_clip_weights_resolve_to_safetensors_when_the_repo_has_them(fake_hu
     bin_only = Path(_resolve_open_clip_weights("laion/bin-only", "open_clip_pytorch_model.bin", "--reward"))
     assert sorted(p.name for p in bin_only.iterdir()) == ["open_clip_config.json", "open_clip_pytorch_model.bin"]
     assert [repo for repo, _ in calls] == ["laion/both", "laion/bin-only", "laion/bin-only"]
+
+
+def test_the_pickscore_spec_resolves_the_model_and_its_processor(fake_hub, tiny_clip_path):
+    repos, calls = fake_hub
+    for repo in ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        shutil.copytree(tiny_clip_path, repos / repo)
+    (repos / "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" / "open_clip_pytorch_model.bin").write_bytes(b"not read")
+    reward = load_reward_model("pickscore", device="cpu")
+    reward.resolve("--reward")
+    assert reward.name == "pickscore"
+    assert [repo for repo, _ in calls] == ["yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
+    processor_files = {p.name for p in Path(reward.processor_name_or_path).iterdir()}
+    assert "processor_config.json" in processor_files and not processor_files & {
+        "model.safetensors",
+        "open_clip_pytorch_model.bin",
+    }
+    assert reward.score(["a red square"], [Image.new("RGB", (32, 32), "red")]).shape == (1,)
