@@ -1,4 +1,8 @@
-"""The ``fifa-hf`` command line: one sub-command a job, each parsed from a config dataclass."""
+"""The ``fifa-hf`` command line: one sub-command a job, each parsed by TrlParser from config dataclasses.
+
+A command's argument classes are imported only when that command runs, so ``fifa-hf --help`` and a
+mistyped command answer at once, without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trl import TrlParser
-
-from fifa_hf.evaluation.evaluate import EvaluateArguments
-from fifa_hf.filter import FiFAConfig
-from fifa_hf.world.demo import DemoArguments
+if TYPE_CHECKING:
+    from fifa_hf.evaluation.evaluate import EvaluateArguments
+    from fifa_hf.filter import FiFAConfig
+    from fifa_hf.world.demo import DemoArguments
 
 
 @dataclass
@@ -116,29 +121,76 @@ def evaluate_command(args: EvaluateArguments) -> None:
     print(f"wrote {args.output_dir}/results.json, results.md and grid.png")
 
 
-COMMANDS: dict[str, tuple[type, Callable]] = {
-    "demo": (DemoArguments, demo_command),
-    "evaluate": (EvaluateArguments, evaluate_command),
-    "filter": (FiFAConfig, filter_command),
-    "select": (SelectArguments, select_command),
-    "synthetic": (SyntheticArguments, synthetic),
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: a one-line summary, its argument classes (``"module:Class"``, parsed in that order by
+    one TrlParser) and the function that takes the parsed objects."""
+
+    summary: str
+    arguments: tuple[str, ...]
+    run: Callable[..., None]
+
+    def argument_classes(self) -> tuple[type, ...]:
+        return tuple(getattr(import_module(module), name) for module, name in (a.split(":") for a in self.arguments))
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "FiFA and its baselines on a synthetic Pick-a-Pic, scored against the known truth (offline).",
+        ("fifa_hf.world.demo:DemoArguments",),
+        demo_command,
+    ),
+    "evaluate": Command(
+        "Generate on a fixed prompt set, score with reward models, compare with a baseline.",
+        ("fifa_hf.evaluation.evaluate:EvaluateArguments",),
+        evaluate_command,
+    ),
+    "filter": Command(
+        "Score a preference dataset (margin, prompt quality, diversity) and keep the FiFA subset.",
+        ("fifa_hf.filter:FiFAConfig",),
+        filter_command,
+    ),
+    "select": Command(
+        "Re-select from the scores of a `fifa-hf filter` run with other settings, without rescoring.",
+        ("fifa_hf.cli:SelectArguments",),
+        select_command,
+    ),
+    "synthetic": Command(
+        "Generate the synthetic Pick-a-Pic and print its statistics.",
+        ("fifa_hf.cli:SyntheticArguments",),
+        synthetic,
+    ),
 }
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    from fifa_hf import __version__
+
+    top = argparse.ArgumentParser(
+        prog="fifa-hf",
+        description="FiFA data filtering and Diffusion-DPO for text-to-image models.",
+        epilog="`fifa-hf <command> --help` lists a command's options; `--config recipe.yaml` reads them from YAML.",
+    )
+    top.add_argument("--version", action="version", version=f"fifa-hf {__version__}")
+    commands = top.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name, command in COMMANDS.items():
+        # The command's own options are parsed by its TrlParser, so its help comes from there.
+        commands.add_parser(name, help=command.summary, add_help=False)
+    return top
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="fifa-hf", description="FiFA data filtering and Diffusion-DPO.")
-    top.add_argument(
-        "command", choices=sorted(COMMANDS), help="; ".join(f"{n}: {c[0].__doc__}" for n, c in COMMANDS.items())
-    )
-    if not argv or argv[0] in ("-h", "--help"):
+    top = _top_parser()
+    if not argv:
         top.print_help()
         return
-    command = top.parse_args(argv[:1]).command
-    arguments_class, run = COMMANDS[command]
-    parser = TrlParser(arguments_class, prog=f"fifa-hf {command}", description=arguments_class.__doc__)
-    (args,) = parser.parse_args_and_config(argv[1:])
-    run(args)
+    namespace, _ = top.parse_known_args(argv[:1])
+    command = COMMANDS[namespace.command]
+    from trl import TrlParser
+
+    parser = TrlParser(command.argument_classes(), prog=f"fifa-hf {namespace.command}", description=command.summary)
+    command.run(*parser.parse_args_and_config(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,28 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+# What to download of a Hub repo (``allow_patterns``): only the files the loaders read, not the single-file
+# checkpoints, fp16/non-EMA variants, .bin duplicates or the safety checker that big repos also hold.
+DIFFUSERS_PIPELINE_FILES = [
+    "model_index.json",
+    "scheduler/*",
+    "feature_extractor/*",
+    "tokenizer*/*",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.index.json",
+    "unet/diffusion_pytorch_model-*-of-*.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder*/config.json",
+    "text_encoder*/model.safetensors",
+    "text_encoder*/model.safetensors.index.json",
+    "text_encoder*/model-*-of-*.safetensors",
+]
+LORA_FILES = ["*.safetensors", "*.json"]
+TRANSFORMERS_MODEL_FILES = ["*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors"]
+PROCESSOR_FILES = ["*.json", "*.txt"]
+
 
 class ResolutionError(ValueError):
     """A model or dataset reference that cannot be used; the message names the flag and the fix."""

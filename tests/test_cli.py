@@ -8,11 +8,6 @@ def test_synthetic_command_prints_statistics_and_saves(tmp_path, capsys):
     assert (tmp_path / "rows" / "state.json").exists()
 
 
-def test_help_lists_commands(capsys):
-    main(["--help"])
-    assert "synthetic" in capsys.readouterr().out
-
-
 def test_demo_compares_methods_against_the_truth(tmp_path, capsys):
     main(["demo", "--num_pairs", "500", "--k", "0.2", "--output_dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out

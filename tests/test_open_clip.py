@@ -1,6 +1,7 @@
 """open_clip runs for real in a subprocess with the torchvision import shim (see tests/torchvision_shim)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,22 +45,73 @@ loaded = open_clip.create_model("local-dir:" + directory).eval()
 with torch.no_grad():
     image_features, text_features, scale = loaded(pixels, open_clip.get_tokenizer("local-dir:" + directory)(prompts))
 expected = (scale * (image_features * text_features).sum(-1)).numpy()
-print(json.dumps({"scores": scores.tolist(), "expected": expected.tolist(), "size": reward.image_size}))
+
+# `--reward open_clip:local-dir:<dir>` as `fifa-hf evaluate` reads it: parsed, resolved, then scoring images.
+from fifa_hf.evaluation import Generation, score
+from fifa_hf.resolve import ResolutionError
+from fifa_hf.scoring.rewards import load_reward_model
+
+generations = []
+for index, (prompt, image) in enumerate(zip(prompts, images)):
+    image.save(f"{directory}/{index}.png")
+    generations.append(Generation(prompt, index, 0, 0, f"{directory}/{index}.png"))
+from_spec = load_reward_model("open_clip:local-dir:" + directory, device="cpu")
+from_spec.resolve("--reward")
+evaluated = score(generations, [from_spec])
+errors = {}
+for spec in ("open_clip:local-dir:/no/such/dir", "open_clip:NoSuchArch", "open_clip:ViT-B-32:no_such_tag",
+             "open_clip:ViT-B-32:laion2b_s34b_b79k", "hpsv2:/no/such/HPS_v2_compressed.pt"):
+    try:
+        load_reward_model(spec, device="cpu").resolve("--reward")
+    except ResolutionError as error:
+        errors[spec] = str(error)
+print(json.dumps({"scores": scores.tolist(), "expected": expected.tolist(), "size": reward.image_size,
+                  "name": directory.rstrip("/").rsplit("/", 1)[-1], "evaluated": {k: v.tolist() for k, v in evaluated.items()},
+                  "errors": errors}))
 """
 
 
-def test_open_clip_reward_matches_open_clips_own_forward(tmp_path):
+@pytest.fixture(scope="module")
+def open_clip_run(tmp_path_factory):
+    """One subprocess (open_clip imports torchvision, so it runs with the shim) for every open_clip check."""
     if subprocess.run(
         [sys.executable, "-c", "import importlib.util as u; assert u.find_spec('open_clip')"]
     ).returncode:
         pytest.fail("open_clip_torch is not installed: README's test command installs it with --no-deps")
-    env = {"PYTHONPATH": str(SHIM), "HF_HUB_OFFLINE": "1"}
-    import os
-
+    env = {**os.environ, "PYTHONPATH": str(SHIM), "HF_HUB_OFFLINE": "1"}
+    directory = tmp_path_factory.mktemp("open-clip")
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, env={**os.environ, **env}
+        [sys.executable, "-c", SCRIPT, str(directory)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["size"] == 32
-    assert out["scores"] == pytest.approx(out["expected"], abs=1e-4)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_open_clip_reward_matches_open_clips_own_forward(open_clip_run):
+    assert open_clip_run["size"] == 32
+    assert open_clip_run["scores"] == pytest.approx(open_clip_run["expected"], abs=1e-4)
+
+
+def test_an_open_clip_spec_scores_as_the_model_does(open_clip_run):
+    name = open_clip_run["name"]  # the reward is named after the model's directory
+    assert list(open_clip_run["evaluated"]) == [name]
+    assert open_clip_run["evaluated"][name] == pytest.approx(open_clip_run["scores"], abs=1e-5)
+
+
+def test_open_clip_specs_that_cannot_load_fail_before_any_work(open_clip_run):
+    errors = open_clip_run["errors"]
+    assert "--reward: the local path '/no/such/dir' does not exist" in errors["open_clip:local-dir:/no/such/dir"]
+    assert "'NoSuchArch' is not an open_clip architecture" in errors["open_clip:NoSuchArch"]
+    assert "neither a checkpoint file nor a pretrained tag of ViT-B-32" in errors["open_clip:ViT-B-32:no_such_tag"]
+    # A known tag is fetched from its Hub repo before scoring; offline and uncached, that fails at once.
+    assert (
+        "the Hub model 'laion/CLIP-ViT-B-32-laion2B-s34B-b79K' cannot be downloaded"
+        in (errors["open_clip:ViT-B-32:laion2b_s34b_b79k"])
+    )
+    assert (
+        "the local path '/no/such/HPS_v2_compressed.pt' does not exist"
+        in errors["hpsv2:/no/such/HPS_v2_compressed.pt"]
+    )

@@ -14,17 +14,27 @@ from fifa_hf.evaluation.generation import Generation, GenerationSettings, genera
 from fifa_hf.evaluation.prompts import load_prompts
 from fifa_hf.evaluation.report import image_grid, markdown_table
 from fifa_hf.evaluation.scoring import compare, score
+from fifa_hf.progress import quiet_loading
+from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, LORA_FILES, resolve_hub_reference
 from fifa_hf.scoring.rewards import load_reward_model
 
 
 @dataclass
 class EvaluateArguments:
-    """Generate on a fixed prompt set, score with reward models, and compare with a baseline."""
+    """Generate on a fixed prompt set, score with reward models, and compare with a baseline.
 
-    model: str = field(metadata={"help": "Hub id or local pipeline directory (SD1.5 or SDXL)."})
-    lora: str | None = field(default=None, metadata={"help": "Diffusers-format LoRA directory to load on the model."})
-    baseline: str | None = field(default=None, metadata={"help": "Baseline pipeline for the win rate."})
-    baseline_lora: str | None = field(default=None, metadata={"help": "LoRA directory to load on the baseline."})
+    Every model, LoRA, reward checkpoint and Hub prompt dataset is resolved (found locally or downloaded)
+    before the first image is generated, so a wrong id fails at once, naming its flag.
+    """
+
+    model_name_or_path: str = field(metadata={"help": "Hub id or local pipeline directory (SD1.5 or SDXL)."})
+    lora: str | None = field(
+        default=None, metadata={"help": "Diffusers-format LoRA (Hub id or local directory) to load on the model."}
+    )
+    baseline_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Baseline pipeline (Hub id or local directory) for the win rate."}
+    )
+    baseline_lora: str | None = field(default=None, metadata={"help": "LoRA to load on the baseline."})
     prompts: str = field(
         default="partiprompts",
         metadata={"help": "partiprompts, pickapic, a .txt/.tsv/.jsonl file or <hub dataset>[@split]:<column>."},
@@ -34,7 +44,11 @@ class EvaluateArguments:
     max_prompts: int | None = field(default=None, metadata={"help": "Evaluate only the first N prompts."})
     reward: str = field(
         default="pickscore",
-        metadata={"help": "Comma-separated: pickscore, clip:<model>, open_clip:<arch>[:<ckpt>], hpsv2:<ckpt>."},
+        metadata={
+            "help": "Comma-separated: pickscore, clip:<model>, open_clip:<arch>[:<checkpoint>], "
+            "open_clip:local-dir:<dir>, open_clip:hf-hub:<repo>, hpsv2:<checkpoint>, or a registered name "
+            "(synthetic)."
+        },
     )
     num_images_per_prompt: int = field(default=1, metadata={"help": "Images per prompt (each its own seed)."})
     seed: int = field(default=0, metadata={"help": "Base seed; each prompt's noise derives from it and the prompt."})
@@ -66,43 +80,88 @@ def load_for_evaluation(model: str, lora: str | None, device: str, dtype: str):
     """A pipeline on ``device`` in ``dtype``, with a diffusers-format LoRA loaded when given."""
     from fifa_hf.trainer.trainer import load_pipeline
 
-    pipeline = load_pipeline(model).to(device, getattr(torch, dtype))
-    if lora:
-        pipeline.load_lora_weights(lora)
+    with quiet_loading():
+        pipeline = load_pipeline(model).to(device)
+        if dtype != "float32":  # the checkpoints load in float32; casting them to it again only warns
+            pipeline.to(dtype=getattr(torch, dtype))
+        if lora:
+            pipeline.load_lora_weights(lora)
     return pipeline
 
 
-def _generate_with(model: str, lora: str | None, prompts, output_dir: Path, args: EvaluateArguments, device: str):
-    pipeline = load_for_evaluation(model, lora, device, args.dtype)
+@dataclass(frozen=True)
+class _Arm:
+    """One evaluated model: its name in the outputs and its resolved pipeline and LoRA."""
+
+    name: str
+    model: str
+    lora: str | None
+
+
+def _resolve_arm(name: str, model: str, lora: str | None, model_flag: str, lora_flag: str) -> _Arm:
+    model_path = resolve_hub_reference(model, model_flag, allow_patterns=DIFFUSERS_PIPELINE_FILES)
+    lora_path = resolve_hub_reference(lora, lora_flag, allow_patterns=LORA_FILES) if lora else None
+    return _Arm(name, model_path, lora_path)
+
+
+def _generate(arm: _Arm, prompts: list[str], output_dir: Path, args: EvaluateArguments, device: str):
+    pipeline = load_for_evaluation(arm.model, arm.lora, device, args.dtype)
+    directory = output_dir / "images" / arm.name
+    source = {"model": arm.model, "lora": arm.lora}
     generations = generate(
-        pipeline, prompts, output_dir, args.generation_settings(), source={"model": model, "lora": lora}
+        pipeline,
+        prompts,
+        directory,
+        args.generation_settings(),
+        source,
+        progress=True,
+        desc=f"Generating {arm.name} images",
     )
-    record = json.loads((output_dir / "generation.json").read_text())
+    record = json.loads((directory / "generation.json").read_text())
     del pipeline
     gc.collect()
     return generations, record
 
 
 def evaluate(args: EvaluateArguments) -> dict[str, Any]:
-    """Run the evaluation; writes ``results.json``, ``results.md`` and ``grid.png`` under ``output_dir``."""
+    """Run the evaluation; writes ``results.json``, ``results.md`` and ``grid.png`` under ``output_dir``.
+
+    Models, LoRAs, reward checkpoints and a Hub prompt dataset are resolved first: a reference that cannot
+    be used raises ``ResolutionError`` naming its flag before any image is generated.
+    """
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(args.output_dir)
+    # Cheap checks first: the prompt set, then the reward checkpoints, then the pipelines.
     prompts = load_prompts(args.prompts, _split(args.category), _split(args.challenge), args.max_prompts)
     rewards = [load_reward_model(spec, device=device) for spec in _split(args.reward) or []]
     if not rewards:
         raise ValueError("Give at least one reward model with --reward.")
-
-    generations, settings = _generate_with(
-        args.model, args.lora, prompts, output_dir / "images" / "model", args, device
-    )
-    baseline_generations, baseline_scores = None, None
-    if args.baseline:
-        baseline_generations, _ = _generate_with(
-            args.baseline, args.baseline_lora, prompts, output_dir / "images" / "baseline", args, device
+    for reward in rewards:
+        reward.resolve("--reward")
+    arms = [_resolve_arm("model", args.model_name_or_path, args.lora, "--model_name_or_path", "--lora")]
+    if args.baseline_model_name_or_path:
+        arms.append(
+            _resolve_arm(
+                "baseline",
+                args.baseline_model_name_or_path,
+                args.baseline_lora,
+                "--baseline_model_name_or_path",
+                "--baseline_lora",
+            )
         )
-    scores = score(generations, rewards)
-    if baseline_generations is not None:
-        baseline_scores = score(baseline_generations, rewards)
+    elif args.baseline_lora:
+        raise ValueError("--baseline_lora needs --baseline_model_name_or_path (the pipeline to load it on).")
+
+    generated = [_generate(arm, prompts, output_dir, args, device) for arm in arms]
+    everything = [g for generations, _ in generated for g in generations]
+    # One scoring pass over the model's and the baseline's images: one bar, full batches.
+    all_scores = score(everything, rewards, progress=True)
+    generations, settings = generated[0]
+    scores = {name: values[: len(generations)] for name, values in all_scores.items()}
+    baseline_generations, baseline_scores = None, None
+    if len(generated) > 1:
+        baseline_generations = generated[1][0]
+        baseline_scores = {name: values[len(generations) :] for name, values in all_scores.items()}
     results = {
         "arguments": asdict(args),
         "generation": settings,
@@ -135,10 +194,11 @@ def _image_records(generations, scores, baseline_generations, baseline_scores) -
 def _write_markdown(output_dir: Path, results: dict[str, Any]) -> None:
     args, generation = results["arguments"], results["generation"]
     lines = [
-        f"# Evaluation of `{args['model']}`" + (f" + LoRA `{args['lora']}`" if args["lora"] else ""),
+        f"# Evaluation of `{args['model_name_or_path']}`" + (f" + LoRA `{args['lora']}`" if args["lora"] else ""),
         "",
-        f"Baseline: `{args['baseline']}`" + (f" + LoRA `{args['baseline_lora']}`" if args["baseline_lora"] else "")
-        if args["baseline"]
+        f"Baseline: `{args['baseline_model_name_or_path']}`"
+        + (f" + LoRA `{args['baseline_lora']}`" if args["baseline_lora"] else "")
+        if args["baseline_model_name_or_path"]
         else "No baseline.",
         "",
         f"Prompts: `{args['prompts']}` ({results['num_prompts']} prompts x {args['num_images_per_prompt']} images); "

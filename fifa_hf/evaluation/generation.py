@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -74,12 +75,14 @@ def generate(
     settings: GenerationSettings = GenerationSettings(),
     source: dict[str, Any] | None = None,
     progress: bool = False,
+    desc: str = "Generating images",
 ) -> list[Generation]:
     """Generate ``num_images_per_prompt`` images for every prompt into ``output_dir``.
 
     Images already on disk for a prompt and seed are kept, not generated again, so an interrupted
     evaluation resumes where it stopped. The settings, the scheduler and ``source`` (which model made
     the images) are written to ``generation.json``; resuming with different ones is refused.
+    ``progress`` shows one bar over the images still to generate (the pipeline's per-call bars stay off).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,8 @@ def generate(
     todo = [g for g in generations if not Path(g.path).exists()]
     size = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
     was_disabled = getattr(pipeline, "_progress_bar_config", {}).get("disable", False)
-    pipeline.set_progress_bar_config(disable=not progress)
+    pipeline.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(todo), desc=desc, unit="image", disable=not progress)
     try:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
@@ -121,6 +125,8 @@ def generate(
             ).images
             for generation, image in zip(batch, images):
                 image.save(generation.path)
+            bar.update(len(batch))
     finally:
+        bar.close()
         pipeline.set_progress_bar_config(disable=was_disabled)
     return generations

@@ -7,7 +7,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from fifa_hf.resolve import resolve_hub_reference, resolve_local_path
+
 PICKAPIC_TEST_UNIQUE = "yuvalkirstain/pickapic_v2@test_unique:caption"
+PROMPT_FILE_SUFFIXES = (".txt", ".tsv", ".jsonl")
 ALIASES = {"pickapic": PICKAPIC_TEST_UNIQUE, "pickapic_test_unique": PICKAPIC_TEST_UNIQUE}
 
 
@@ -53,11 +56,13 @@ def _from_file(path: Path) -> list[str]:
 
 
 def _from_hub(spec: str) -> list[str]:
-    """``<dataset>[@split]:<column>``, streamed so only the text column is read."""
+    """``<dataset>[@split]:<column>``, streamed so only the text column is read; the dataset is checked first,
+    so a wrong id or no connection fails at once."""
     import datasets
 
     name, column = spec.rsplit(":", 1)
     name, _, split = name.partition("@")
+    resolve_hub_reference(name, "--prompts", repo_type="dataset", download=False)
     rows = datasets.load_dataset(name, split=split or "test", streaming=True).select_columns([column])
     return [row[column] for row in rows]
 
@@ -81,6 +86,8 @@ def load_prompts(
         raise ValueError("category and challenge filter PartiPrompts only.")
     elif Path(spec).is_file():
         prompts = _from_file(Path(spec))
+    elif Path(spec).suffix in PROMPT_FILE_SUFFIXES:
+        resolve_local_path(spec, "--prompts")  # raises: the file does not exist
     elif ":" in spec:
         prompts = _from_hub(spec)
     else:

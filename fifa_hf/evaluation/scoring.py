@@ -5,26 +5,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fifa_hf.evaluation.generation import Generation
 from fifa_hf.evaluation.stats import per_prompt_means, summarize, win_rate
+from fifa_hf.progress import quiet_loading
 from fifa_hf.scoring.rewards import RewardModel
 
 
 def score(
-    generations: Sequence[Generation], reward_models: Sequence[RewardModel], batch_size: int = 32
+    generations: Sequence[Generation],
+    reward_models: Sequence[RewardModel],
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """One score per generated image and reward model (each model is loaded once, on first use)."""
+    """One score per generated image and reward model (each model is loaded once, on first use).
+
+    ``progress`` shows one bar over the images, scored by every model.
+    """
     names = [reward.name for reward in reward_models]
     if len(set(names)) != len(names):
-        raise ValueError(f"Reward models need distinct names, got {names}.")
+        raise ValueError(f"Reward models need distinct names, got {names}; pass name= to tell them apart.")
     scores = {name: np.empty(len(generations), dtype=np.float64) for name in names}
-    for start in range(0, len(generations), batch_size):
-        batch = generations[start : start + batch_size]
-        images = [generation.image() for generation in batch]
-        prompts = [generation.prompt for generation in batch]
-        for reward in reward_models:
-            scores[reward.name][start : start + len(batch)] = reward.score(prompts, images)
+    bar = tqdm(total=len(generations), desc=f"Scoring images ({', '.join(names)})", unit="image", disable=not progress)
+    with bar, quiet_loading(("transformers",)):  # reward models load through transformers
+        for start in range(0, len(generations), batch_size):
+            batch = generations[start : start + batch_size]
+            images = [generation.image() for generation in batch]
+            prompts = [generation.prompt for generation in batch]
+            for reward in reward_models:
+                scores[reward.name][start : start + len(batch)] = reward.score(prompts, images)
+            bar.update(len(batch))
     return scores
 
 

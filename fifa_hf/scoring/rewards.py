@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fifa_hf.resolve import (
+    PROCESSOR_FILES,
+    TRANSFORMERS_MODEL_FILES,
+    ResolutionError,
+    looks_like_local_path,
+    resolve_hub_reference,
+    resolve_local_path,
+)
 from fifa_hf.scoring.images import CLIPImageTransform
 from fifa_hf.scoring.lazy import LazyLoaded
 
@@ -39,6 +48,10 @@ class RewardModel(LazyLoaded, abc.ABC):
     def image_size(self) -> int | None:
         """The side the model resizes images to; decoding can stop at that size."""
         return None
+
+    def resolve(self, flag: str) -> None:
+        """Turn every checkpoint reference into a local path now (see ``fifa_hf.resolve``), so a missing model
+        fails before the long work, naming ``flag``. Rewards without checkpoints have nothing to resolve."""
 
     @abc.abstractmethod
     def _load(self) -> Any: ...
@@ -79,11 +92,16 @@ class _ContrastiveReward(RewardModel):
         return scores.cpu().numpy()
 
 
+def _last_component(reference: str) -> str:
+    return Path(reference.rstrip("/\\")).name or reference
+
+
 class CLIPRewardModel(_ContrastiveReward):
     """PickScore (CLIP-H fine-tuned on Pick-a-Pic) or any transformers CLIP checkpoint.
 
     Scores are in PickScore's units (``logit_scale.exp()`` is 100 for PickScore, so about 20 for a
-    good image).
+    good image). ``name`` (the key of its scores and logged metrics) defaults to ``pickscore`` for
+    PickScore and to the checkpoint's last path component otherwise.
     """
 
     def __init__(
@@ -92,15 +110,23 @@ class CLIPRewardModel(_ContrastiveReward):
         processor_name_or_path: str | None = None,
         device: str | None = None,
         dtype: str = "float32",
-        name: str = "pickscore",
+        name: str | None = None,
     ):
         super().__init__(device, dtype)
         self.model_name_or_path = str(model_name_or_path)
+        is_pickscore = self.model_name_or_path == PICKSCORE_MODEL
         if processor_name_or_path is None:
-            is_pickscore = self.model_name_or_path == PICKSCORE_MODEL
             processor_name_or_path = PICKSCORE_PROCESSOR if is_pickscore else self.model_name_or_path
         self.processor_name_or_path = str(processor_name_or_path)
-        self.name = name
+        self.name = name or ("pickscore" if is_pickscore else _last_component(self.model_name_or_path))
+
+    def resolve(self, flag: str) -> None:
+        self.model_name_or_path = resolve_hub_reference(
+            self.model_name_or_path, flag, allow_patterns=TRANSFORMERS_MODEL_FILES
+        )
+        self.processor_name_or_path = resolve_hub_reference(
+            self.processor_name_or_path, flag, allow_patterns=PROCESSOR_FILES
+        )
 
     def _load(self):
         from transformers import AutoModel, AutoProcessor
@@ -139,7 +165,8 @@ class OpenCLIPRewardModel(_ContrastiveReward):
     ``model_name`` is an open_clip architecture (``"ViT-H-14"``) with ``pretrained`` a checkpoint path
     or tag, or ``"local-dir:/path"`` / ``"hf-hub:org/repo"``. Images are preprocessed with PIL from the
     model's own preprocessing config (the same resize, crop and normalization open_clip applies to
-    PIL images), so open_clip's torchvision transforms are never called.
+    PIL images), so open_clip's torchvision transforms are never called. ``name`` defaults to the
+    checkpoint's (or directory's, or repo's) last path component.
     """
 
     def __init__(
@@ -148,10 +175,47 @@ class OpenCLIPRewardModel(_ContrastiveReward):
         pretrained: str | None = None,
         device: str | None = None,
         dtype: str = "float32",
-        name: str = "open_clip",
+        name: str | None = None,
     ):
         super().__init__(device, dtype)
-        self.model_name, self.pretrained, self.name = model_name, pretrained, name
+        self.model_name, self.pretrained = model_name, pretrained
+        if name is None and model_name.startswith(OPEN_CLIP_SCHEMAS):
+            name = _last_component(model_name.split(":", 1)[1])
+        elif name is None:
+            name = Path(pretrained).stem if pretrained and Path(pretrained).suffix else model_name
+        self.name = name
+
+    def resolve(self, flag: str) -> None:
+        try:
+            import open_clip
+        except ImportError as error:
+            raise ImportError(f"{flag}: open_clip rewards need open_clip: pip install 'fifa-hf[open_clip]'") from error
+        if self.model_name.startswith("local-dir:"):
+            directory = resolve_local_path(self.model_name.removeprefix("local-dir:"), flag)
+            self.model_name = f"local-dir:{directory}"
+        elif self.model_name.startswith("hf-hub:"):
+            directory = _resolve_open_clip_weights(self.model_name.removeprefix("hf-hub:"), OPEN_CLIP_WEIGHTS, flag)
+            self.model_name = f"local-dir:{directory}"
+        elif self.model_name not in open_clip.list_models():
+            raise ResolutionError(
+                f"{flag}: {self.model_name!r} is not an open_clip architecture; use one of open_clip.list_models() "
+                "with a checkpoint, or local-dir:<directory> / hf-hub:<repo> for a model with its own config."
+            )
+        elif self.pretrained and (Path(self.pretrained).expanduser().exists() or _looks_like_file(self.pretrained)):
+            self.pretrained = str(resolve_local_path(self.pretrained, flag))
+        elif self.pretrained:
+            tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+            if self.pretrained not in tags:
+                raise ResolutionError(
+                    f"{flag}: {self.pretrained!r} is neither a checkpoint file nor a pretrained tag of {self.model_name} "
+                    f"({', '.join(tags) or 'it has none'})."
+                )
+            location = open_clip.get_pretrained_cfg(self.model_name, self.pretrained).get("hf_hub", "")
+            if location:  # download now into the cache open_clip reads; the tag keeps its preprocessing settings
+                repo, weights = location.rstrip("/"), OPEN_CLIP_WEIGHTS
+                if not location.endswith("/"):
+                    repo, weights = repo.rsplit("/", 1)
+                _resolve_open_clip_weights(repo, weights, flag)
 
     def _load(self):
         try:
@@ -177,6 +241,24 @@ class OpenCLIPRewardModel(_ContrastiveReward):
 
     def _logit_scale(self) -> torch.Tensor:
         return self.loaded[0].logit_scale
+
+
+OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+
+
+def _resolve_open_clip_weights(repo: str, weights: str, flag: str) -> str:
+    """The snapshot of an open_clip Hub repo with its config and the weights open_clip reads: the
+    safetensors twin of ``weights`` when the repo has one (as open_clip prefers), else ``weights``."""
+    safe = "open_clip_model.safetensors" if weights == OPEN_CLIP_WEIGHTS else weights.replace(".bin", ".safetensors")
+    directory = resolve_hub_reference(repo, flag, allow_patterns=["open_clip_config.json", "*.txt", safe])
+    if not (Path(directory) / safe).exists():
+        directory = resolve_hub_reference(repo, flag, allow_patterns=[weights])
+    return directory
+
+
+def _looks_like_file(reference: str) -> bool:
+    return looks_like_local_path(reference) or Path(reference).suffix in (".pt", ".pth", ".bin", ".safetensors")
 
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -219,8 +301,9 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
 
     - ``pickscore``: PickScore v1 with the laion CLIP-H processor;
     - ``clip:<model id or dir>``: any transformers CLIP checkpoint, scored the PickScore way;
-    - ``open_clip:<architecture>[:<checkpoint or tag>]``: an open_clip model (``hpsv2:<checkpoint>``
-      is ``open_clip:ViT-H-14:<checkpoint>`` named ``hpsv2``);
+    - ``open_clip:<architecture>[:<checkpoint or tag>]``, ``open_clip:local-dir:<dir>`` or
+      ``open_clip:hf-hub:<repo>``: an open_clip model (``hpsv2:<checkpoint>`` is
+      ``open_clip:ViT-H-14:<checkpoint>`` named ``hpsv2``);
     - any name registered under the ``fifa_hf.rewards`` entry point group (a class taking no
       arguments), e.g. ``synthetic``: the synthetic world's true reward, read from pixels.
     """
@@ -228,7 +311,9 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
     if kind == "pickscore" and not rest:
         return CLIPRewardModel(device=device, dtype=dtype)
     if kind == "clip" and rest:
-        return CLIPRewardModel(rest, device=device, dtype=dtype, name="clip")
+        return CLIPRewardModel(rest, device=device, dtype=dtype)
+    if kind == "open_clip" and rest.startswith(OPEN_CLIP_SCHEMAS):
+        return OpenCLIPRewardModel(rest, device=device, dtype=dtype)
     if kind == "open_clip" and rest:
         architecture, _, pretrained = rest.partition(":")
         return OpenCLIPRewardModel(architecture, pretrained or None, device=device, dtype=dtype)
@@ -240,6 +325,6 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
     if kind in registered and not rest:
         return registered[kind].load()()
     raise ValueError(
-        f"Unknown reward {spec!r}: use pickscore, clip:<model>, open_clip:<arch>[:<checkpoint>], "
+        f"Unknown reward {spec!r}: use pickscore, clip:<model>, open_clip:<arch>[:<checkpoint>], open_clip:local-dir:<dir>, "
         f"hpsv2:<checkpoint> or a registered name ({', '.join(sorted(registered)) or 'none installed'})."
     )

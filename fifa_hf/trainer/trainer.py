@@ -9,6 +9,7 @@ frozen copy for full fine-tuning.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections import defaultdict
@@ -23,6 +24,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from fifa_hf.data import to_preference_pairs
 from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator, crop_pair, decode
@@ -52,6 +54,16 @@ def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
+
+
+class _DiffusersTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard callback, which writes ``model.config.to_json_string()`` at the start: a
+    diffusers config (a FrozenDict) has no such method, so the config is written as JSON here instead."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.tb_writer is not None and model is not None:
+            self.tb_writer.add_text("model_config", json.dumps(dict(model.config), indent=2, default=str))
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -158,6 +170,10 @@ class DiffusionDPOTrainer(Trainer):
             callbacks=[*(callbacks or []), _CollatorEpoch(collator)],
             optimizers=optimizers,
         )
+        callbacks = self.callback_handler.callbacks
+        for index, callback in enumerate(callbacks):  # in place: callbacks run in order
+            if type(callback) is TensorBoardCallback:
+                callbacks[index] = _DiffusersTensorBoardCallback()
         for module in self._frozen_modules():
             module.to(self.accelerator.device)
         if self.ref_unet is not None:
