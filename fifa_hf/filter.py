@@ -40,6 +40,7 @@ from fifa_hf.scoring.margin import MARGIN_COLUMNS
 from fifa_hf.scoring.rewards import PICKSCORE_MODEL
 from fifa_hf.selection import (
     DEFAULT_DIMINISHING_RETURNS,
+    DEFAULT_METHOD,
     DEFAULT_QUALITY_THRESHOLD,
     METHODS,
     NORMALIZATIONS,
@@ -118,7 +119,14 @@ class FiFAConfig:
     )
     knn_method: str = field(default="auto", metadata={"help": "auto, exact or ivf."})
 
-    method: str = field(default="fifa", metadata={"help": f"Selection method: {', '.join(METHODS)}."})
+    method: str = field(
+        default=DEFAULT_METHOD,
+        metadata={
+            "help": f"Selection method: {', '.join(METHODS)}. setwise (the default, chosen by the rule of "
+            "docs/selection.md): quality gate, then margin with per-prompt diminishing returns; fifa: the paper's "
+            "score as we reconstruct it."
+        },
+    )
     k: float | None = field(
         default=None,
         metadata={

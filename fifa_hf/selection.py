@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 METHODS = ("fifa", "margin", "qsd", "random", "setwise")
+DEFAULT_METHOD = "setwise"  # picked by the rule of docs/selection.md from `fifa-hf demo`'s results
 NORMALIZATIONS = ("zscore", "minmax", "none")
 SETWISE_BASES = ("margin", "qsd")
 DEFAULT_K = 5000
@@ -163,7 +164,7 @@ def top_k(
 
 def select(
     columns: dict[str, np.ndarray],
-    method: str = "fifa",
+    method: str = DEFAULT_METHOD,
     k: float | None = None,
     alpha: float = 1.0,
     gamma: float = 1.0,
