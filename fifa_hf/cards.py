@@ -93,7 +93,7 @@ def dataset_card(config, report, license: str) -> DatasetCard:
             (
                 f"{config.quality_scorer}: {config.quality_model}"
                 if config.quality_scorer in ("llm", "endpoint")
-                else f"{config.quality_scorer} (offline, not an LLM)"
+                else f"{config.quality_scorer} scorer (offline, not an LLM)"
             )
             if config.needs_quality
             else "skipped (alpha = 0)"
