@@ -324,6 +324,17 @@ def plot_summary(summary: dict[str, dict[str, dict[str, float]]], path: Path) ->
     plt.close(figure)
 
 
+def versus_margin(summary, method: str) -> str:
+    """How ``method`` differs from margin ranking on the rule's metrics (means)."""
+    if method == "margin":
+        return "the rule keeps margin ranking: no other method qualified"
+    diff = {m: summary[method][m]["mean"] - summary["margin"][m]["mean"] for m in METRICS}
+    return (
+        f"against margin ranking: true gap {diff['true_gap']:+.3f}, junk share {diff['junk_share']:+.3f}, "
+        f"unsafe share {diff['unsafe_share']:+.3f}, distinct prompts {diff['distinct_prompts']:+.1f}"
+    )
+
+
 def report_text(args: DemoArguments, seeds: list[int], summary, default: str, seconds: float) -> str:
     world = (
         "version 2 (harm marker, harm-seeking prompters, erratic proxy on junk)"
@@ -332,26 +343,26 @@ def report_text(args: DemoArguments, seeds: list[int], summary, default: str, se
     )
     return f"""# fifa-hf demo: which pairs does each method keep?
 
-Synthetic Pick-a-Pic, world {world} (`docs/world.md`), {args.num_pairs} pairs a world, world seeds
-{seeds[0]} to {seeds[-1]} (label temperature {args.label_temperature}). Every method keeps the same K
-(k = {args.k} of the scored pairs); mean ± sd over the {len(seeds)} worlds. The proxy reward is a
-**simulation** (docs/world.md), prompt quality the offline `OfflineQualityScorer` (**not** the paper's LLM),
-diversity all-MiniLM-L6-v2 k-NN entropy.
+Synthetic Pick-a-Pic of world {world}, described in `docs/world.md`: {args.num_pairs} pairs a world,
+world seeds {seeds[0]} to {seeds[-1]}, label temperature {args.label_temperature}. Every method keeps the same
+K (k = {args.k} of the scored pairs); the table gives mean ± sd over the {len(seeds)} worlds. The proxy reward is
+a **simulation**, prompt quality the `OfflineQualityScorer` (**not** the paper's LLM), diversity
+all-MiniLM-L6-v2 k-NN entropy.
 
 - `fifa`: our reconstruction of FiFA, `norm(margin) + alpha * norm(quality) + gamma * norm(diversity)` with
-  alpha = {args.alpha}, gamma = {args.gamma} (the paper's weights are not public);
-- `setwise`: quality gate at {args.quality_threshold}, then z-scored margin minus
+  alpha = {args.alpha} and gamma = {args.gamma} (the paper's weights are not public);
+- `setwise`: a quality gate at {args.quality_threshold}, then the z-scored margin minus
   {args.diminishing_returns} * log(1 + pairs already taken from the prompt);
 - `oracle`: the top K by true gap, an upper bound that reads the truth.
 
 {summary_table(summary)}
 
-- *agreement*: share of kept pairs whose human label agrees with the truth (truth = true reward - 1.0 x harm; ties 0.5);
+- *agreement*: share of kept pairs whose label agrees with the truth (truth = true reward - 1.0 x harm; ties 0.5);
 - *true_gap*: mean truth of the chosen image minus the rejected one;
 - *junk_share*, *unsafe_share*: shares of kept pairs whose prompt is junk, or unsafe;
 - *distinct_prompts*: prompts covered by the kept pairs.
 
-**Default method by the rule of `docs/selection.md`: `{default}`.**
+**Default method by the rule of `docs/selection.md`: `{default}`**, {versus_margin(summary, default)}.
 
 ![metrics](selection_metrics.png)
 
