@@ -63,7 +63,11 @@ def test_filter_and_select_setwise_record_the_quality_gate(tmp_path, capsys):
     assert scores["selected"].sum() == 30 and (kinds[scores.loc[scores["selected"], "row_id"]] == "clean").all()
     assert "diversity" not in scores  # setwise does not read it, so it is not computed
     card = (out / "README.md").read_text()
-    assert "method: setwise" in card and "quality_threshold: 0.5" in card and "offline scorer (offline, not an LLM)" in card
+    assert (
+        "method: setwise" in card
+        and "quality_threshold: 0.5" in card
+        and "offline scorer (offline, not an LLM)" in card
+    )
 
     main(["select", "--scores", str(out), "--output_dir", str(tmp_path / "again"), "--diminishing_returns", "0"])
     again = json.loads((tmp_path / "again" / "report.json").read_text())
