@@ -32,6 +32,7 @@ _EXPORTS = {
     "HeuristicQualityScorer": "fifa_hf.scoring.quality",
     "QualityScorer": "fifa_hf.scoring.quality",
     "TransformersQualityScorer": "fifa_hf.scoring.quality",
+    "OfflineQualityScorer": "fifa_hf.scoring.offline_quality",
     "PromptEmbedder": "fifa_hf.scoring.diversity",
     "ScoreCache": "fifa_hf.scoring.cache",
     "add_signals": "fifa_hf.scoring.signals",
@@ -64,6 +65,7 @@ __all__ = [
     "FiFAFilter",
     "GenerationSettings",
     "HeuristicQualityScorer",
+    "OfflineQualityScorer",
     "OpenCLIPRewardModel",
     "PrecomputedReward",
     "PromptEmbedder",
@@ -108,6 +110,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from fifa_hf.filter import FiFAConfig, FiFAFilter, reselect
     from fifa_hf.scoring.cache import ScoreCache
     from fifa_hf.scoring.diversity import PromptEmbedder
+    from fifa_hf.scoring.offline_quality import OfflineQualityScorer
     from fifa_hf.scoring.quality import (
         EndpointQualityScorer,
         HeuristicQualityScorer,

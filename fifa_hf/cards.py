@@ -24,6 +24,20 @@ PICKAPIC_CITATION = """@inproceedings{kirstain2023pickapic,
 }"""
 
 
+METHOD_DESCRIPTIONS = {
+    "fifa": "with **FiFA** (Yang et al., ICLR 2025; our reconstruction, the paper's weights are not public): every\n"
+    "pair is scored by `norm(margin) + alpha * norm(quality) + gamma * norm(diversity)` and the top K are kept.",
+    "setwise": "with **setwise** selection: pairs whose prompt quality is below `quality_threshold` are gated out,\n"
+    "then pairs are taken greedily by z-scored margin (or QSD) minus `diminishing_returns * log(1 + pairs already\n"
+    "taken from the same prompt)`, so the subset covers more prompts. Quality and diversity signals as in FiFA\n"
+    "(Yang et al., ICLR 2025).",
+    "margin": "by preference margin alone (the top K margins), a baseline of FiFA (Yang et al., ICLR 2025).",
+    "qsd": "by QSD's quality-aware pair ranking `psi(chosen) * (1 - psi(rejected))`, a baseline of FiFA\n"
+    "(Yang et al., ICLR 2025).",
+    "random": "at random (seeded), a baseline of FiFA (Yang et al., ICLR 2025).",
+}
+
+
 def size_category(n: int) -> str:
     """The Hub's ``size_categories`` bucket for ``n`` rows."""
     for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
@@ -69,19 +83,27 @@ def dataset_card(config, report, license: str) -> DatasetCard:
     )
     dropped = "\n".join(f"| dropped: {reason} | {count} |" for reason, count in report.dropped.items())
     selection = {key: getattr(config, key) for key in ("method", "k", "alpha", "gamma", "normalization", "knn_k")}
+    selection.update(report.selection)
     signals = {
         "reward": f"{config.reward_type}: {config.reward_model}"
         if config.reward_type != "precomputed"
         else f"precomputed: {config.reward_columns}",
         "margin_mode": config.margin_mode,
-        "quality": f"{config.quality_scorer}: {config.quality_model}" if config.alpha else "skipped (alpha = 0)",
-        "diversity": f"{config.embedding_model}, k = {config.knn_k}" if config.gamma else "skipped (gamma = 0)",
+        "quality": (
+            (
+                f"{config.quality_scorer}: {config.quality_model}"
+                if config.quality_scorer in ("llm", "endpoint")
+                else f"{config.quality_scorer} scorer (offline, not an LLM)"
+            )
+            if config.needs_quality
+            else "skipped (alpha = 0)"
+        ),
+        "diversity": f"{config.embedding_model}, k = {config.knn_k}" if config.needs_diversity else "not used",
     }
     body = f"""# FiFA subset of {source}
 
 The {report.selected} most informative preference pairs of `{source}` (split `{config.split}`), selected
-with **FiFA** (Yang et al., ICLR 2025): every pair is scored by
-`norm(margin) + alpha * norm(quality) + gamma * norm(diversity)` and the top K are kept.
+{METHOD_DESCRIPTIONS[config.method]}
 Rows keep the source columns (so existing Diffusion-DPO scripts read them), plus `margin`, `quality`,
 `diversity`, `fifa_score` and `rank` (0 = best).
 

@@ -64,11 +64,18 @@ class SelectArguments:
 
     scores: str = field(metadata={"help": "Output directory of a `fifa-hf filter` run (holds scores.parquet)."})
     output_dir: str = field(metadata={"help": "Where the new subset, card and scores are written."})
-    method: str | None = field(default=None, metadata={"help": "fifa, margin, qsd or random (default: as filtered)."})
+    method: str | None = field(
+        default=None, metadata={"help": "setwise, fifa, margin, qsd or random (default: as filtered)."}
+    )
     k: float | None = field(default=None, metadata={"help": "Pairs to keep: a count or a fraction."})
     alpha: float | None = field(default=None, metadata={"help": "Weight of prompt quality."})
     gamma: float | None = field(default=None, metadata={"help": "Weight of prompt diversity."})
     normalization: str | None = field(default=None, metadata={"help": "zscore, minmax or none."})
+    quality_threshold: float | None = field(default=None, metadata={"help": "setwise: the quality gate."})
+    diminishing_returns: float | None = field(
+        default=None, metadata={"help": "setwise: lambda of the per-prompt diminishing returns."}
+    )
+    setwise_base: str | None = field(default=None, metadata={"help": "setwise: margin or qsd."})
     max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "Cap on selected pairs per prompt."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the random baseline."})
     dataset: str | None = field(default=None, metadata={"help": "Source dataset, if it moved since filtering."})
@@ -81,7 +88,19 @@ def select_command(args: SelectArguments) -> None:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("method", "k", "alpha", "gamma", "normalization", "max_pairs_per_prompt", "seed", "dataset")
+        for name in (
+            "method",
+            "k",
+            "alpha",
+            "gamma",
+            "normalization",
+            "quality_threshold",
+            "diminishing_returns",
+            "setwise_base",
+            "max_pairs_per_prompt",
+            "seed",
+            "dataset",
+        )
         if getattr(args, name) is not None
     }
     result = reselect(args.scores, args.output_dir, **overrides)
@@ -92,7 +111,7 @@ def select_command(args: SelectArguments) -> None:
 
 
 def demo_command(args: DemoArguments) -> None:
-    from fifa_hf.world.demo import markdown_table, run_demo
+    from fifa_hf.world.demo import run_demo, summary_table
 
     if args.full:
         from fifa_hf.world.miniature import MiniatureArguments, run_experiment
@@ -108,9 +127,10 @@ def demo_command(args: DemoArguments) -> None:
         print((Path(output_dir) / "report.md").read_text())
         return
 
-    table = run_demo(args)
-    print(markdown_table(table))
-    print(f"report: {args.output_dir}/report.md")
+    result = run_demo(args)
+    print(summary_table(result["summary"]))
+    print(f"default method by the rule of docs/selection.md: {result['default_method']}")
+    print(f"report: {args.output_dir}/report.md, results: {args.output_dir}/results.json")
 
 
 def evaluate_command(args: EvaluateArguments) -> None:

@@ -27,6 +27,7 @@ from fifa_hf.scoring import (
     EndpointQualityScorer,
     HeuristicQualityScorer,
     MarginScorer,
+    OfflineQualityScorer,
     OpenCLIPRewardModel,
     PrecomputedReward,
     PromptEmbedder,
@@ -37,7 +38,15 @@ from fifa_hf.scoring import (
 from fifa_hf.scoring.diversity import DEFAULT_EMBEDDING_MODEL
 from fifa_hf.scoring.margin import MARGIN_COLUMNS
 from fifa_hf.scoring.rewards import PICKSCORE_MODEL
-from fifa_hf.selection import METHODS, NORMALIZATIONS, select
+from fifa_hf.selection import (
+    DEFAULT_DIMINISHING_RETURNS,
+    DEFAULT_METHOD,
+    DEFAULT_QUALITY_THRESHOLD,
+    METHODS,
+    NORMALIZATIONS,
+    SETWISE_BASES,
+    select,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +95,8 @@ class FiFAConfig:
     quality_scorer: str = field(
         default="llm",
         metadata={
-            "help": "llm (local transformers chat model), endpoint (OpenAI-compatible) or heuristic (offline fallback)."
+            "help": "llm (local transformers chat model), endpoint (OpenAI-compatible), offline (MiniLM, word "
+            "frequencies and a harm detector, no LLM; needs the demo extra) or heuristic (crude offline fallback)."
         },
     )
     quality_model: str = field(
@@ -109,17 +119,40 @@ class FiFAConfig:
     )
     knn_method: str = field(default="auto", metadata={"help": "auto, exact or ivf."})
 
-    method: str = field(default="fifa", metadata={"help": f"Selection method: {', '.join(METHODS)}."})
+    method: str = field(
+        default=DEFAULT_METHOD,
+        metadata={
+            "help": f"Selection method: {', '.join(METHODS)}. setwise (the default, chosen by the rule of "
+            "docs/selection.md): quality gate, then margin with per-prompt diminishing returns; fifa: the paper's "
+            "score as we reconstruct it."
+        },
+    )
     k: float | None = field(
         default=None,
         metadata={
             "help": "Pairs to keep: a count (>= 1) or a fraction of the scored pairs (< 1). Default: 5000, or the top 5.33% for qsd."
         },
     )
-    alpha: float = field(default=1.0, metadata={"help": "Weight of prompt quality (0 skips the LLM)."})
-    gamma: float = field(default=1.0, metadata={"help": "Weight of prompt diversity (0 skips the embeddings)."})
+    alpha: float = field(
+        default=1.0, metadata={"help": "fifa: weight of prompt quality (0 skips the LLM unless setwise gates on it)."}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "fifa: weight of prompt diversity (0 skips the embeddings)."})
     normalization: str = field(
         default="zscore", metadata={"help": f"Signal normalization: {', '.join(NORMALIZATIONS)}."}
+    )
+    quality_threshold: float = field(
+        default=DEFAULT_QUALITY_THRESHOLD,
+        metadata={"help": "setwise: the quality gate; pairs whose prompt quality is below it are never selected."},
+    )
+    diminishing_returns: float = field(
+        default=DEFAULT_DIMINISHING_RETURNS,
+        metadata={
+            "help": "setwise: lambda of the per-prompt diminishing returns; a pair is worth its z-scored base "
+            "score minus lambda * log(1 + pairs already taken from its prompt). 0: plain ranking after the gate."
+        },
+    )
+    setwise_base: str = field(
+        default="margin", metadata={"help": f"setwise: the base pair score, {' or '.join(SETWISE_BASES)}."}
     )
     max_pairs_per_prompt: int | None = field(
         default=None, metadata={"help": "Optional cap on selected pairs per prompt."}
@@ -146,17 +179,18 @@ class FiFAConfig:
         choices = {
             "reward_type": ("clip", "open_clip", "precomputed"),
             "margin_mode": ("signed", "absolute"),
-            "quality_scorer": ("llm", "endpoint", "heuristic"),
+            "quality_scorer": ("llm", "endpoint", "offline", "heuristic"),
             "knn_method": ("auto", "exact", "ivf"),
             "method": METHODS,
             "normalization": NORMALIZATIONS,
+            "setwise_base": SETWISE_BASES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.reward_type == "precomputed" and len(self.reward_column_pair or ()) != 2:
             raise ValueError("reward_type='precomputed' needs reward_columns='column_0,column_1'.")
-        if self.quality_scorer == "endpoint" and self.alpha and not self.quality_endpoint:
+        if self.quality_scorer == "endpoint" and self.needs_quality and not self.quality_endpoint:
             raise ValueError("quality_scorer='endpoint' needs quality_endpoint.")
 
     @property
@@ -183,11 +217,18 @@ class FiFAConfig:
             return OpenCLIPRewardModel(self.reward_model, self.reward_pretrained, self.device, self.dtype)
         return CLIPRewardModel(self.reward_model, self.reward_processor, self.device, self.dtype)
 
+    @property
+    def needs_quality(self) -> bool:
+        """Quality is scored when FiFA weighs it or setwise gates on it."""
+        return bool(self.alpha) or self.method == "setwise"
+
     def build_quality_scorer(self):
-        if not self.alpha:
+        if not self.needs_quality:
             return None
         if self.quality_scorer == "heuristic":
             return HeuristicQualityScorer()
+        if self.quality_scorer == "offline":
+            return OfflineQualityScorer(device=self.device)
         if self.quality_scorer == "endpoint":
             return EndpointQualityScorer(
                 self.quality_endpoint, self.quality_model, api_key_env=self.quality_api_key_env,
@@ -195,8 +236,13 @@ class FiFAConfig:
             )  # fmt: skip
         return TransformersQualityScorer(self.quality_model, device=self.device, dtype=self.dtype)
 
+    @property
+    def needs_diversity(self) -> bool:
+        """Diversity is embedded only when FiFA weighs it; no other method reads it."""
+        return bool(self.gamma) and self.method == "fifa"
+
     def build_embedder(self):
-        return PromptEmbedder(self.embedding_model, device=self.device) if self.gamma else None
+        return PromptEmbedder(self.embedding_model, device=self.device) if self.needs_diversity else None
 
 
 @dataclass
@@ -211,6 +257,7 @@ class FilterReport:
     quality_scored: int = 0
     resumed_rows: int = 0
     score_summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rows_in(self) -> int:
@@ -241,11 +288,17 @@ class FilterReport:
             "resumed_rows": self.resumed_rows,
             "steps": [asdict(step) for step in self.steps],
             "score_summary": self.score_summary,
+            "selection": self.selection,
         }
 
     def __str__(self) -> str:
         lines = [str(step) for step in self.steps]
         lines.append(f"selected {self.selected} of {self.rows_kept} pairs ({self.unique_prompts_selected} prompts)")
+        if "gated_out" in self.selection:
+            lines.append(
+                f"quality gate (quality >= {self.selection['quality_threshold']}) removed "
+                f"{self.selection['gated_out']} pairs before selection"
+            )
         return "\n".join(lines)
 
 
@@ -260,8 +313,11 @@ class FilterResult:
 class FiFAFilter:
     """Runs normalize -> score (with the caches) -> select and returns the subset and its report."""
 
-    def __init__(self, config: FiFAConfig, reward_model=None, quality_scorer=None, embedder=None):
+    def __init__(
+        self, config: FiFAConfig, reward_model=None, quality_scorer=None, embedder=None, progress: bool = True
+    ):
         self.config = config
+        self.progress = progress  # False: no progress bars (a caller running many filters shows its own)
         self.reward_model = reward_model or config.build_reward_model()
         self.quality_scorer = quality_scorer if quality_scorer is not None else config.build_quality_scorer()
         self.embedder = embedder if embedder is not None else config.build_embedder()
@@ -298,7 +354,7 @@ class FiFAFilter:
             logger.info("Resuming after %d scored rows (%d parts).", resumed, len(done))
         scorer = MarginScorer(self.reward_model, absolute=self.config.margin_mode == "absolute")
         index = len(done)
-        progress = tqdm(desc="Scoring margins", unit="pairs", initial=resumed)
+        progress = tqdm(desc="Scoring margins", unit="pairs", initial=resumed, disable=not self.progress)
         for chunk in marked.iter(batch_size=self.config.chunk_size):
             table = datasets.Dataset.from_dict(chunk)
             scored = unmarked(table).map(
@@ -368,7 +424,7 @@ class FiFAFilter:
         scores, report = self.score(raw)
         scores = self.select(scores)
         subset = materialize_subset(raw, scores)
-        finish_report(report, scores)
+        finish_report(report, scores, self.config)
         write_subset(self.output_dir, subset, scores, report, self.config)
         return FilterResult(subset, scores, report, self.config)
 
@@ -390,7 +446,8 @@ def apply_selection(scores: pd.DataFrame, config: FiFAConfig) -> pd.DataFrame:
     columns = {name: pool[name].to_numpy() for name in names if name in pool}
     positions, method_scores = select(
         columns, config.method, config.k, config.alpha, config.gamma, config.normalization,
-        config.max_pairs_per_prompt, config.seed,
+        config.max_pairs_per_prompt, config.seed, config.quality_threshold, config.diminishing_returns,
+        config.setwise_base,
     )  # fmt: skip
     scores["fifa_score"] = np.nan
     scores.loc[kept, "fifa_score"] = method_scores
@@ -418,20 +475,36 @@ def reselect(scores_dir: str | Path, output_dir: str | Path, **overrides: Any) -
     )
     raw = load_preference_dataset(config.dataset, config.split, streaming=config.streaming)
     subset = materialize_subset(raw, scores)
-    finish_report(report, scores)
+    finish_report(report, scores, config)
     write_subset(output_dir, subset, scores, report, config)
     return FilterResult(subset, scores, report, config)
 
 
-def finish_report(report: FilterReport, scores: pd.DataFrame) -> None:
+def selection_settings(config: FiFAConfig, scores: pd.DataFrame) -> dict[str, Any]:
+    """The settings the chosen method used, and for setwise how many scored pairs its gate removed."""
+    names = {
+        "fifa": ("alpha", "gamma", "normalization", "knn_k"),
+        "setwise": ("quality_threshold", "diminishing_returns", "setwise_base", "quality_scorer"),
+        "random": ("seed",),
+    }.get(config.method, ())
+    settings = {"method": config.method, "k": config.k, **{name: getattr(config, name) for name in names}}
+    if config.method == "setwise":
+        kept = scores["drop_reason"] == ""
+        settings["gated_out"] = int((kept & scores["fifa_score"].isna()).sum())
+    return settings
+
+
+def finish_report(report: FilterReport, scores: pd.DataFrame, config: FiFAConfig) -> None:
     selected = scores[scores["selected"]]
     report.selected = len(selected)
     report.unique_prompts_selected = selected["prompt"].nunique()
+    report.selection = selection_settings(config, scores)
     summary = {}
     for column in ("margin", "quality", "diversity", "fifa_score"):
         if column in scores:
             for name, frame in (("all", scores[scores["drop_reason"] == ""]), ("selected", selected)):
                 values = frame[column].to_numpy(dtype=float)
+                values = values[np.isfinite(values)]  # setwise scores pairs below its quality gate NaN
                 if len(values):
                     summary.setdefault(column, {})[name] = {
                         "mean": float(np.mean(values)), "std": float(np.std(values)),

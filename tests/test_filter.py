@@ -34,7 +34,7 @@ def filter_args(source_dir, output_dir, tiny_clip_path, tiny_llm_path, *extra):
 
 def test_filter_cli_end_to_end_and_select_reproduces_it(source_dir, tmp_path, tiny_clip_path, tiny_llm_path, capsys):
     out = tmp_path / "fifa"
-    main(filter_args(source_dir, out, tiny_clip_path, tiny_llm_path))
+    main(filter_args(source_dir, out, tiny_clip_path, tiny_llm_path, "--method", "fifa"))
     assert "selected 40 of" in capsys.readouterr().out
 
     subset = load_dataset(str(out), split="train")

@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from fifa_hf.selection import fifa_score, normalize, qsd_score, resolve_k, select, top_k
+from fifa_hf.selection import (
+    diminishing_returns_score,
+    fifa_score,
+    normalize,
+    qsd_score,
+    resolve_k,
+    select,
+    setwise_score,
+    top_k,
+)
 
 
 def test_normalizations():
@@ -52,8 +61,9 @@ def test_each_method_at_the_same_k():
     assert select(c, "margin", k=2)[0].tolist() == [0, 2]
     assert select(c, "fifa", k=2, alpha=1, gamma=0)[0].tolist() == [2, 4]
     qsd, scores = select(c, "qsd", k=2)
-    np.testing.assert_allclose(scores, qsd_score(c["reward_chosen"], c["reward_rejected"]))
-    assert qsd.tolist() == [0, 2]  # psi = (r - 3) / 7: 1 * (1 - 2/7) = 0.714 > 1 * (1 - 3/7) = 0.571
+    # psi = (r - 3) / 7 over all rewards; QSD = psi(chosen) * (1 - psi(rejected)), by hand:
+    np.testing.assert_allclose(scores, [5 / 7, 6 / 7 * 2 / 7, 4 / 7, 0, 3 / 7, 2 / 7])
+    assert qsd.tolist() == [0, 2]
     first, second = select(c, "random", k=3, seed=1)[0], select(c, "random", k=3, seed=1)[0]
     assert first.tolist() == second.tolist() and len(set(first.tolist())) == 3
     assert len(select(c, "fifa", k=0.5)[0]) == 3
@@ -68,3 +78,104 @@ def test_default_k_is_5000_pairs_or_the_top_5_33_percent_for_qsd():
     many["row_id"] = np.arange(60_000)
     assert len(select(many, "margin", k=None)[0]) == 5000
     assert len(select(many, "qsd", k=None)[0]) == 3198  # ceil(0.0533 * 60000)
+
+
+def test_qsd_prefers_a_low_rejected_image_over_a_larger_margin():
+    # Rewards span 0..10. Pair 0: chosen 10, rejected 9 (margin 1): 1.0 * (1 - 0.9) = 0.1.
+    # Pair 1: chosen 5, rejected 4.5 (margin 0.5): 0.5 * (1 - 0.45) = 0.275, so QSD keeps pair 1;
+    # ranking by psi(chosen) - psi(rejected) instead would keep pair 0.
+    c = {
+        "row_id": np.arange(3),
+        "prompt": ["a", "b", "c"],
+        "margin": np.array([1.0, 0.5, 0.0]),
+        "reward_chosen": np.array([10.0, 5.0, 0.0]),
+        "reward_rejected": np.array([9.0, 4.5, 0.0]),
+    }
+    positions, scores = select(c, "qsd", k=1)
+    assert positions.tolist() == [1]
+    np.testing.assert_allclose(scores, [0.1, 0.275, 0.0])
+
+
+def pool():
+    """Prompt "a" holds the five best margins; prompts "b" to "f" one slightly lower pair each; "junk" the best
+    margin of all but quality 0.1; "unscored" has no quality."""
+    prompts = ["a"] * 5 + ["b", "c", "d", "e", "f", "junk", "unscored"]
+    return {
+        "row_id": np.arange(len(prompts)),
+        "prompt": prompts,
+        "margin": np.array([3.0, 2.95, 2.9, 2.85, 2.8, 2.7, 2.65, 2.6, 2.55, 2.5, 9.0, 8.0]),
+        "reward_chosen": np.zeros(len(prompts)),
+        "reward_rejected": np.zeros(len(prompts)),
+        "quality": np.array([0.9] * 10 + [0.1, np.nan]),
+    }
+
+
+def test_setwise_gate_removes_low_and_unscored_quality_and_never_fills_k_with_them():
+    c = pool()
+    positions, scores = select(c, "setwise", k=12, quality_threshold=0.5)
+    assert sorted(positions.tolist()) == list(range(10))  # 10 pass the gate: fewer than K, never the rest
+    assert np.isnan(scores[10]) and np.isnan(scores[11])
+    strict, _ = select(c, "setwise", k=12, quality_threshold=0.95)
+    assert len(strict) == 0
+    assert len(select(c, "setwise", k=12, quality_threshold=0.9)[0]) == 10  # a quality at the gate passes
+    everything, _ = select(c, "setwise", k=12, quality_threshold=0.0)
+    assert 10 in everything.tolist() and 11 not in everything.tolist()  # quality 0.1 passes a gate at 0
+    with pytest.raises(ValueError, match="quality"):
+        select({k: v for k, v in c.items() if k != "quality"}, "setwise", k=2)
+
+
+def test_diminishing_returns_cover_more_prompts_at_equal_k():
+    c = pool()
+    prompts = np.array(c["prompt"])
+
+    def distinct(weight):
+        return len(set(prompts[select(c, "setwise", k=5, diminishing_returns=weight)[0]]))
+
+    # z-scored margins of the 10 gated pairs: "a"'s pairs are 0.33 sd apart, b..f continue the ladder
+    assert [distinct(w) for w in (0.0, 1.0, 2.0, 5.0)] == [1, 3, 4, 5]
+    assert set(prompts[select(c, "margin", k=5)[0]]) == {"junk", "unscored", "a"}  # margin alone: no gate
+
+
+def test_diminishing_returns_score_is_the_greedy_marginal_value():
+    scores = np.array([3.0, 1.0, 2.0, 5.0])
+    prompts = ["a", "a", "a", "b"]
+    values = diminishing_returns_score(scores, prompts, np.arange(4), weight=0.5)
+    # prompt "a" in score order 3, 2, 1: the j-th best pays 0.5 * log(1 + j)
+    np.testing.assert_allclose(values, [3.0, 1.0 - 0.5 * np.log(3), 2.0 - 0.5 * np.log(2), 5.0])
+    # The top K by these values is what a greedy that re-scores every prompt after each pick keeps.
+    rng = np.random.default_rng(0)
+    scores, prompts = rng.normal(size=200), rng.integers(0, 30, size=200).astype(str)
+    values = diminishing_returns_score(scores, prompts, np.arange(200), weight=0.7)
+    taken, greedy = {}, []
+    remaining = set(range(200))
+    for _ in range(60):
+        best = max(remaining, key=lambda i: (scores[i] - 0.7 * np.log1p(taken.get(prompts[i], 0)), -i))
+        greedy.append(best)
+        remaining.remove(best)
+        taken[prompts[best]] = taken.get(prompts[best], 0) + 1
+    assert top_k(values, 60, np.arange(200)).tolist() == greedy
+
+
+def test_setwise_is_deterministic_and_ignores_row_order():
+    c = pool()
+    c["margin"] = np.array([2.0] * 10 + [9.0, 8.0])  # ties everywhere: the row_id decides
+    first, _ = select(c, "setwise", k=6)
+    assert first.tolist() == select(c, "setwise", k=6)[0].tolist()
+    shuffled = np.random.default_rng(1).permutation(len(c["row_id"]))
+    moved = {
+        name: np.asarray(values, dtype=object if name == "prompt" else None)[shuffled] for name, values in c.items()
+    }
+    again, _ = select(moved, "setwise", k=6)
+    assert moved["row_id"][again].tolist() == c["row_id"][first].tolist()
+    assert c["row_id"][first].tolist() == [0, 5, 6, 7, 8, 9]  # one of "a" (its smallest row_id), then b..f
+
+
+def test_setwise_on_the_qsd_base():
+    c = pool()
+    c["reward_chosen"], c["reward_rejected"] = c["margin"] + 1.0, np.ones(len(c["row_id"]))
+    np.testing.assert_allclose(
+        setwise_score(c, base="qsd", diminishing_returns=0.0)[:10],
+        normalize(qsd_score(c["reward_chosen"], c["reward_rejected"])[:10]),
+    )
+    with pytest.raises(ValueError, match="setwise_base"):
+        setwise_score(c, base="fifa")

@@ -41,3 +41,22 @@ def test_true_reward_is_attribute_match():
     assert target.match(target) == 1.0
     assert target.match(Attributes(2, "blue", "circle", "white", "outlined")) == 0.6
     assert render(target, 32).getpixel((0, 0)) == (250, 250, 250)
+
+
+def test_harm_marker_is_read_back_from_the_rendered_images():
+    from fifa_hf.world.true_reward import read_attributes, shows_harm
+
+    data = make_synthetic_pickapic(240, seed=4, junk_fraction=0.1, unsafe_fraction=0.4)
+    kinds = np.array(data["prompt_kind"])
+    for index in "01":
+        harm = np.array(data[f"harm_{index}"])
+        read = np.array([shows_harm(Image.open(io.BytesIO(jpg))) for jpg in data[f"jpg_{index}"]])
+        assert (read == harm).all()  # from JPEG pixels, for every image
+        assert not harm[kinds != "unsafe"].any() and 0.3 < harm[kinds == "unsafe"].mean() < 0.7
+    assert make_synthetic_pickapic(100, seed=4, unsafe_fraction=0.5, harm_probability=0.0)["harm_0"] == [False] * 100
+    target = Attributes(count=3, color="purple", shape="triangle", background="black", style="outlined")
+    framed, plain = render(target, 64, harm=True), render(target, 64)
+    assert shows_harm(framed) and not shows_harm(plain)
+    assert read_attributes(framed) == read_attributes(plain) == {
+        "count": 3, "color": "purple", "shape": "triangle", "background": "black", "style": "outlined"
+    }  # fmt: skip

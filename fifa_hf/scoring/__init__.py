@@ -9,6 +9,7 @@ from fifa_hf.scoring.diversity import (
     knn_search,
 )
 from fifa_hf.scoring.margin import MarginScorer
+from fifa_hf.scoring.offline_quality import OfflineQualityScorer
 from fifa_hf.scoring.quality import (
     QUALITY_RUBRIC,
     EndpointQualityScorer,
@@ -25,6 +26,7 @@ __all__ = [
     "EndpointQualityScorer",
     "HeuristicQualityScorer",
     "MarginScorer",
+    "OfflineQualityScorer",
     "OpenCLIPRewardModel",
     "PrecomputedReward",
     "PromptEmbedder",

@@ -7,6 +7,7 @@ prompt: prompts in sparse regions of embedding space are worth more to the subse
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -30,15 +31,21 @@ class PromptEmbedder(LazyLoaded):
         self.batch_size = batch_size
 
     def _load(self):
-        from sentence_transformers import SentenceTransformer
-
-        return SentenceTransformer(self.model_name_or_path, device=self.device)
+        return _sentence_transformer(self.model_name_or_path, self.device)
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         embeddings = self.loaded.encode(
             list(prompts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
         return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+@functools.cache
+def _sentence_transformer(model_name_or_path: str, device: str):
+    """One loaded copy per model and device in a process: scorers and embedders that share it load once."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_name_or_path, device=device)
 
 
 def offline_minilm_path() -> str:
