@@ -146,7 +146,7 @@ def test_missing_prompt_column_names_it(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}).save_to_disk(tmp_path / "bad")
-    config = FiFAConfig(dataset_name=str(tmp_path / "bad"), output_dir=str(tmp_path / "o"), alpha=0, gamma=0)
+    config = FiFAConfig(dataset_name=str(tmp_path / "bad"), output_dir=str(tmp_path / "o"), method="margin", alpha=0)
     with pytest.raises(ValueError, match="caption"):
         FiFAFilter(config, reward_model=object()).run()
 
