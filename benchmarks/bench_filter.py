@@ -40,7 +40,7 @@ def main() -> None:
         for size in sizes:
             make_synthetic_pickapic(size, seed=0).save_to_disk(root / f"source-{size}")
             args = [
-                "filter", "--dataset", str(root / f"source-{size}"), "--output_dir", str(root / f"out-{size}"),
+                "filter", "--dataset_name", str(root / f"source-{size}"), "--output_dir", str(root / f"out-{size}"),
                 "--reward_model", str(clip), "--quality_model", str(llm), "--embedding_model", offline_minilm_path(),
                 "--k", "0.05", "--chunk_size", "2048", "--device", "cpu",
             ]  # fmt: skip

@@ -1,15 +1,17 @@
 """Build the published FiFA subset of Pick-a-Pic v2.
 
-    python dataset_scripts/pickapic_fifa.py --push_to_hub <user>/pickapic-fifa
+    python dataset_scripts/pickapic_fifa.py --push_to_hub --hub_model_id <user>/pickapic-fifa
     python dataset_scripts/pickapic_fifa.py --config my_recipe.yaml        # any FiFAConfig field
 
 The recipe (overridable flag by flag): the `train` split of yuvalkirstain/pickapic_v2, **streamed**, so
 the 335 GB never sit on disk at once; PickScore margins; an LLM (`--quality_model`, or
 `--quality_scorer endpoint --quality_endpoint http://host:8000/v1` for a vLLM/TGI server) for prompt
-quality; all-MiniLM-L6-v2 k-NN diversity; K = 5000 pairs, about 0.5% of the data.
+quality; all-MiniLM-L6-v2 k-NN diversity; K = 5000 pairs, about 0.5 percent of the data. Every model
+and the dataset are resolved first, so a missing one fails at once.
 
-It resumes: margins are written part by part to `<output_dir>/scores_parts/` and prompt scores to a
-SQLite cache, so re-running the same command after an interruption continues where it stopped.
+It resumes: margins are written part by part to `<output_dir>/scores_parts/` (each part reused only
+if its rows are unchanged) and prompt scores to a SQLite cache, so re-running the same command after
+an interruption continues where it stopped; the output directory is replaced whole at the end.
 With several GPUs, `--num_proc <number of GPUs>` scores margins with one process per GPU.
 The logic is `fifa_hf.filter.FiFAFilter`, the code path the test suite runs on local data.
 """
@@ -22,9 +24,10 @@ from trl import TrlParser
 
 from fifa_hf.filter import FiFAConfig, FiFAFilter
 from fifa_hf.hub import push_subset_to_hub
+from fifa_hf.progress import setup_logging
 
 RECIPE = {
-    "dataset": "yuvalkirstain/pickapic_v2",
+    "dataset_name": "yuvalkirstain/pickapic_v2",
     "split": "train",
     "streaming": True,
     "output_dir": "pickapic_fifa",
@@ -45,10 +48,11 @@ def main(argv: list[str] | None = None) -> FiFAConfig:
     parser = TrlParser(FiFAConfig, description=__doc__)
     parser.set_defaults(**RECIPE)
     (config,) = parser.parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     result = FiFAFilter(config).run()
     print(result.report)
     if config.push_to_hub:
-        push_subset_to_hub(config.output_dir, config.push_to_hub, private=config.private)
+        print(f"pushed to {push_subset_to_hub(config.output_dir, config.hub_model_id, config.hub_private_repo)}")
     return config
 
 

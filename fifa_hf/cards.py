@@ -1,4 +1,4 @@
-"""Hub cards: the FiFA subset's dataset card and its margin histogram."""
+"""Hub cards: the FiFA subset's dataset card (with its figures) and the Diffusion-DPO model card."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import numpy as np
 import pandas as pd
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+from fifa_hf.redact import published_reference
+from fifa_hf.selection import DEFAULT_K, QSD_DEFAULT_FRACTION
 
 FIFA_CITATION = """@inproceedings{yang2025fifa,
   title     = {Automated Filtering of Human Feedback Data for Aligning Text-to-Image Diffusion Models},
@@ -24,6 +27,86 @@ PICKAPIC_CITATION = """@inproceedings{kirstain2023pickapic,
 }"""
 
 
+def size_category(n: int) -> str:
+    """The Hub's ``size_categories`` bucket for ``n`` rows."""
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < bound:
+            return label
+    return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+SIGNALS = {
+    "margin": "preference margin: reward(chosen) - reward(rejected)",
+    "quality": "prompt quality (0-1)",
+    "diversity": "prompt diversity: log distance to the k-th neighbour",
+}
+
+
+def signal_histograms(scores: pd.DataFrame, path: str | Path) -> Path:
+    """PNG histograms of each signal (margin, quality, diversity) of all scored pairs vs the selected ones."""
+    plt = _matplotlib()
+    pool = scores[scores["drop_reason"] == ""]
+    shown = [c for c in SIGNALS if c in pool and np.isfinite(pool[c].to_numpy(dtype=float)).any()] or ["margin"]
+    figure, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.2), squeeze=False)
+    for axis, column in zip(axes[0], shown):
+        values = pool[column].to_numpy(dtype=float) if column in pool else np.zeros(0)
+        values = values[np.isfinite(values)]
+        selected = pool.loc[pool["selected"], column].to_numpy(dtype=float) if column in pool else np.zeros(0)
+        selected = selected[np.isfinite(selected)]
+        edges = np.histogram_bin_edges(values, bins=30) if len(values) else np.linspace(0, 1, 11)
+        for name, sample in ((f"all pairs ({len(values)})", values), (f"selected ({len(selected)})", selected)):
+            density = np.histogram(sample, bins=edges, density=True)[0] if len(sample) else np.zeros(len(edges) - 1)
+            axis.stairs(density, edges, fill=True, alpha=0.5, label=name)
+        axis.set_xlabel(SIGNALS[column], fontsize=8)
+        axis.locator_params(axis="x", nbins=5)
+        axis.legend(fontsize=7)
+    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.16, top=0.95, wspace=0.25)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return Path(path)
+
+
+def pairs_grid(subset, path: str | Path, num_pairs: int = 4, size: int = 192) -> Path | None:
+    """PNG of the first (best) pairs of a subset, one row each: the chosen image left, the rejected one
+    right, the prompt above them. Drawn with PIL: no plotting needed for a few images."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    from fifa_hf.data import to_preference_pairs
+    from fifa_hf.images import decode_image
+
+    rows = subset.select(range(min(num_pairs, len(subset))))
+    pairs, _ = to_preference_pairs(rows, drop_ties=False, check_images=False)
+    if not len(pairs):
+        return None
+    header, gap = 18, 6
+    grid = Image.new("RGB", (2 * size + 3 * gap, len(pairs) * (size + header + gap) + gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, pair in enumerate(pairs):
+        top = gap + index * (size + header + gap)
+        prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else pair["prompt"][:57] + "..."
+        draw.text((gap, top), prompt, fill="black")
+        for column, left in (("chosen", gap), ("rejected", 2 * gap + size)):
+            try:
+                image = ImageOps.contain(decode_image(pair[column], min_size=size), (size, size))
+                grid.paste(image, (left + (size - image.width) // 2, top + header + (size - image.height) // 2))
+            except ValueError:
+                draw.text((left + gap, top + header + size // 2), "undecodable image", fill="red")
+            draw.text((left + 2, top + header + 2), column, fill="lime" if column == "chosen" else "red")
+    grid.save(path)
+    return Path(path)
+
+
+METHOD_NAMES = {"setwise": "Setwise", "fifa": "FiFA", "margin": "Margin-ranked", "qsd": "QSD", "random": "Random"}
+# How each method chose, completing "Selected ...".
 METHOD_DESCRIPTIONS = {
     "fifa": "with **FiFA** (Yang et al., ICLR 2025; our reconstruction, the paper's weights are not public): every\n"
     "pair is scored by `norm(margin) + alpha * norm(quality) + gamma * norm(diversity)` and the top K are kept.",
@@ -37,119 +120,141 @@ METHOD_DESCRIPTIONS = {
     "random": "at random (seeded), a baseline of FiFA (Yang et al., ICLR 2025).",
 }
 
+DATASET_CARD_TEMPLATE = """---
+{{ card_data }}
+---
 
-def size_category(n: int) -> str:
-    """The Hub's ``size_categories`` bucket for ``n`` rows."""
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < bound:
-            return label
-    return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
+# {{ pretty_name }}
 
-
-def margin_histogram(scores: pd.DataFrame, path: str | Path) -> Path:
-    """PNG histogram of the preference margins of all scored pairs vs the selected ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kept = scores[scores["drop_reason"] == ""]
-    margins = kept["margin"].to_numpy(dtype=float)
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    bins = np.histogram_bin_edges(margins, bins=40) if len(margins) else 10
-    axis.hist(margins, bins=bins, density=True, alpha=0.5, label=f"all pairs ({len(kept)})")
-    selected = kept[kept["selected"]]["margin"].to_numpy(dtype=float)
-    axis.hist(selected, bins=bins, density=True, alpha=0.6, label=f"selected ({len(selected)})")
-    axis.set_xlabel("preference margin: reward(chosen) - reward(rejected)")
-    axis.set_ylabel("density")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
-
-
-def dataset_card(config, report, license: str) -> DatasetCard:
-    """The subset's README.md: Hub metadata, the configuration used, the counts and the citations."""
-    source = config.dataset or "local data"
-    data = DatasetCardData(
-        license=license,
-        task_categories=["text-to-image"],
-        source_datasets=[source],
-        size_categories=[size_category(report.selected)],
-        tags=["fifa", "preference", "human-feedback", "diffusion-dpo", "dpo"],
-        pretty_name=f"FiFA subset of {source}",
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
-    )
-    dropped = "\n".join(f"| dropped: {reason} | {count} |" for reason, count in report.dropped.items())
-    selection = {key: getattr(config, key) for key in ("method", "k", "alpha", "gamma", "normalization", "knn_k")}
-    selection.update(report.selection)
-    signals = {
-        "reward": f"{config.reward_type}: {config.reward_model}"
-        if config.reward_type != "precomputed"
-        else f"precomputed: {config.reward_columns}",
-        "margin_mode": config.margin_mode,
-        "quality": (
-            (
-                f"{config.quality_scorer}: {config.quality_model}"
-                if config.quality_scorer in ("llm", "endpoint")
-                else f"{config.quality_scorer} scorer (offline, not an LLM)"
-            )
-            if config.needs_quality
-            else "skipped (alpha = 0)"
-        ),
-        "diversity": f"{config.embedding_model}, k = {config.knn_k}" if config.needs_diversity else "not used",
-    }
-    body = f"""# FiFA subset of {source}
-
-The {report.selected} most informative preference pairs of `{source}` (split `{config.split}`), selected
-{METHOD_DESCRIPTIONS[config.method]}
-Rows keep the source columns (so existing Diffusion-DPO scripts read them), plus `margin`, `quality`,
-`diversity`, `fifa_score` and `rank` (0 = best).
+{{ summary }} Rows keep the source columns (so existing Diffusion-DPO scripts read them), plus `margin`,
+`quality`, `diversity`, `fifa_score` (the selection method's score) and `rank` (0 = best).
 
 ```python
 from datasets import load_dataset
 
-subset = load_dataset("<this repo>", split="train")
+subset = load_dataset("{{ repo_id }}", split="train")
 ```
+{% if pairs_figure %}
+## Example pairs
 
-## Configuration
+The best-ranked pairs: the image people preferred (chosen) left, the other (rejected) right.
+
+![Example chosen and rejected pairs]({{ pairs_figure }})
+{% endif %}
+## How the pairs were chosen
+
+Selected {{ method_description }}
 
 Signals:
 
 ```yaml
-{yaml.safe_dump(signals, sort_keys=False).strip()}
+{{ signals }}
 ```
 
-Selection (the paper does not publish alpha, gamma or k; these are the values used here):
+Selection settings (FiFA's paper does not publish alpha, gamma or k; these are the values used here):
 
 ```yaml
-{yaml.safe_dump(selection, sort_keys=False).strip()}
+{{ selection }}
 ```
 
 The full configuration is in `fifa_config.yaml`, every pair's scores (no images) in `scores.parquet`.
+
+![Signals of all scored pairs vs the selected ones]({{ histograms_figure }})
 
 ## Counts
 
 | | pairs |
 |---|---|
-| source rows | {report.rows_in} |
-{dropped}
-| scored pairs | {report.rows_kept} |
-| selected pairs | {report.selected} |
-| unique prompts (scored / selected) | {report.unique_prompts} / {report.unique_prompts_selected} |
-
-![Margins of all vs selected pairs](margin_histogram.png)
+| source rows | {{ rows_in }} |
+{% for reason, count in dropped.items() %}| dropped: {{ reason }} | {{ count }} |
+{% endfor %}| scored pairs | {{ rows_kept }} |
+{% for reason, count in not_selected.items() %}| not selected: {{ reason }} | {{ count }} |
+{% endfor %}| **selected pairs** | **{{ selected }}** |
+| unique prompts (scored / selected) | {{ unique_prompts }} / {{ unique_prompts_selected }} |
 
 ## Citation
 
 ```bibtex
-{FIFA_CITATION}
-
-{PICKAPIC_CITATION}
+{{ citations }}
 ```
 """
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def dataset_card(
+    config, report, license: str, repo_id: str | None = None, figures: dict[str, str] | None = None
+) -> DatasetCard:
+    """The subset's README.md, from ``DatasetCardData`` and a template: metadata, the method really used,
+    the configuration, example pairs, signal histograms, counts by reason and citations.
+
+    ``repo_id`` is the Hub repo the subset is pushed to; without one the card loads the local directory.
+    Paths are written as ``fifa_hf.hub.published_reference`` makes them (never absolute).
+    """
+    figures = figures or {}
+    source = published_reference(config.dataset_name) or "local data"
+    data = DatasetCardData(
+        license=license,
+        task_categories=["text-to-image"],
+        source_datasets=[source],
+        size_categories=[size_category(report.selected)],
+        tags=list(dict.fromkeys(["fifa", "preference", "human-feedback", "diffusion-dpo", "dpo", config.method])),
+        pretty_name=f"{METHOD_NAMES.get(config.method, config.method)} subset of {source}",
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+    )
+    method = METHOD_DESCRIPTIONS.get(config.method, f"by the `{config.method}` selection method.")
+    k = config.k if config.k is not None else (QSD_DEFAULT_FRACTION if config.method == "qsd" else DEFAULT_K)
+    if report.selected >= report.rows_kept:
+        summary = (
+            f"All {report.selected} scored preference pairs of `{source}` (split `{config.split}`): k = {k:g} "
+            "is at or above the number of scored pairs, so nothing was filtered out by the selection."
+        )
+    else:
+        summary = (
+            f"{report.selected} of the {report.rows_kept} scored preference pairs of `{source}` "
+            f"(split `{config.split}`), selected by {METHOD_NAMES.get(config.method, config.method)}."
+        )
+    signals = {
+        "reward": f"{config.reward_type}: {published_reference(config.reward_model)}"
+        if config.reward_type != "precomputed"
+        else f"precomputed: {config.reward_columns}",
+        "margin_mode": config.margin_mode,
+        "quality": _quality_description(config),
+        "diversity": f"{published_reference(config.embedding_model)}, k = {config.knn_k}"
+        if config.needs_diversity
+        else "not used",
+    }
+    selection = {**report.selection, "max_pairs_per_prompt": config.max_pairs_per_prompt}
+    return DatasetCard.from_template(
+        data,
+        template_str=DATASET_CARD_TEMPLATE,
+        summary=summary,
+        repo_id=repo_id or published_reference(str(Path(config.output_dir).absolute())),
+        method_description=method,
+        signals=yaml.safe_dump(signals, sort_keys=False).strip(),
+        selection=yaml.safe_dump(selection, sort_keys=False).strip(),
+        pairs_figure=figures.get("pairs"),
+        histograms_figure=figures.get("histograms", "signal_histograms.png"),
+        rows_in=report.rows_in,
+        dropped=report.dropped,
+        rows_kept=report.rows_kept,
+        not_selected=report.not_selected,
+        selected=report.selected,
+        unique_prompts=report.unique_prompts,
+        unique_prompts_selected=report.unique_prompts_selected,
+        citations=f"{FIFA_CITATION}\n\n{PICKAPIC_CITATION}",
+    )
+
+
+def _quality_description(config) -> str:
+    if not config.needs_quality:
+        return "skipped (alpha = 0)"
+    if config.quality_scorer in ("offline", "heuristic"):
+        return f"{config.quality_scorer} scorer (offline, not an LLM)"
+    if config.quality_scorer == "endpoint":
+        return (
+            f"endpoint: {config.quality_model} (timeout {config.quality_timeout:g} s, "
+            f"{config.quality_max_retries} retries, {config.quality_concurrency} concurrent requests)"
+        )
+    return f"llm: {published_reference(config.quality_model)}"
 
 
 def diffusion_model_card(

@@ -14,6 +14,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fifa_hf.progress import setup_logging
+
 if TYPE_CHECKING:
     from fifa_hf.evaluation.evaluate import EvaluateArguments
     from fifa_hf.filter import FiFAConfig
@@ -50,12 +52,13 @@ def filter_command(config: FiFAConfig) -> None:
     from fifa_hf.filter import FiFAFilter
     from fifa_hf.hub import push_subset_to_hub
 
-    result = FiFAFilter(config).run()
+    fifa = FiFAFilter(config)  # resolves every model (and the repo to push to) before any work
+    result = fifa.run()
     print(result.report)
     print(f"wrote {config.output_dir}")
     if config.push_to_hub:
-        push_subset_to_hub(config.output_dir, config.push_to_hub, private=config.private)
-        print(f"pushed to https://huggingface.co/datasets/{config.push_to_hub}")
+        url = push_subset_to_hub(config.output_dir, config.hub_model_id, private=config.hub_private_repo)
+        print(f"pushed to {url}")
 
 
 @dataclass
@@ -78,36 +81,35 @@ class SelectArguments:
     setwise_base: str | None = field(default=None, metadata={"help": "setwise: margin or qsd."})
     max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "Cap on selected pairs per prompt."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the random baseline."})
-    dataset: str | None = field(default=None, metadata={"help": "Source dataset, if it moved since filtering."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Dataset repo id to publish the new subset to."})
+    strict: bool = field(default=False, metadata={"help": "Fail, rather than warn, when k keeps every scored pair."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Source dataset, if it moved since filtering."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Publish the new subset as a Hub dataset repo."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Dataset repo to push to (`user/name` or `name`); default: output_dir's name."}
+    )
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo private."})
+
+
+SELECT_OVERRIDES = (
+    "method", "k", "alpha", "gamma", "normalization", "quality_threshold", "diminishing_returns", "setwise_base",
+    "max_pairs_per_prompt", "seed", "dataset_name",
+)  # fmt: skip
 
 
 def select_command(args: SelectArguments) -> None:
     from fifa_hf.filter import reselect
-    from fifa_hf.hub import push_subset_to_hub
+    from fifa_hf.hub import hub_repo_id, push_subset_to_hub
 
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "method",
-            "k",
-            "alpha",
-            "gamma",
-            "normalization",
-            "quality_threshold",
-            "diminishing_returns",
-            "setwise_base",
-            "max_pairs_per_prompt",
-            "seed",
-            "dataset",
-        )
-        if getattr(args, name) is not None
-    }
-    result = reselect(args.scores, args.output_dir, **overrides)
+    overrides = {name: getattr(args, name) for name in SELECT_OVERRIDES if getattr(args, name) is not None}
+    repo_id = hub_repo_id(args.hub_model_id, args.output_dir) if args.push_to_hub else None
+    result = reselect(
+        args.scores, args.output_dir, strict=args.strict, push_to_hub=args.push_to_hub, hub_model_id=repo_id,
+        hub_private_repo=args.hub_private_repo, **overrides,
+    )  # fmt: skip
     print(result.report)
     print(f"wrote {args.output_dir}")
     if args.push_to_hub:
-        push_subset_to_hub(args.output_dir, args.push_to_hub)
+        print(f"pushed to {push_subset_to_hub(args.output_dir, repo_id, private=args.hub_private_repo)}")
 
 
 def demo_command(args: DemoArguments) -> None:
@@ -201,6 +203,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     top = _top_parser()
     if not argv:
         top.print_help()

@@ -20,6 +20,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from fifa_hf.images import UNDECODABLE_IMAGE, ImageDecodeError, decode_image
+
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
 PAIR_COLUMNS = ("row_id", "prompt", "chosen", "rejected", "tie", "drop_reason")
@@ -31,7 +33,8 @@ NO_LABEL = "no_label"
 IDENTICAL_IMAGES = "identical_images"
 INVALID_LABEL = "invalid_label"
 EMPTY_PROMPT = "empty_prompt"
-UNDECODABLE_IMAGE = "undecodable_image"
+# and UNDECODABLE_IMAGE, IMAGE_TOO_LARGE: defined with the decoder, in fifa_hf.images
+VERIFY_SIZE = 64  # images are verified by decoding them whole at (about) this size: cheap, and truncation shows
 
 
 @dataclass
@@ -78,7 +81,8 @@ def detect_schema(column_names: list[str]) -> str:
 def load_preference_dataset(
     source: str | Path, split: str = "train", streaming: bool = False, **load_kwargs: Any
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Load raw preference rows from a Hub id, a ``save_to_disk`` directory or parquet file(s)."""
+    """Load raw preference rows from a Hub id, a ``save_to_disk`` directory or parquet file(s) (a file, a
+    directory of them or a pattern such as ``data/train-*.parquet``)."""
     path = Path(source)
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = datasets.load_from_disk(str(path))
@@ -88,7 +92,7 @@ def load_preference_dataset(
     if path.suffix == ".parquet" or (
         path.is_dir() and not (path / "README.md").exists() and any(path.glob("*.parquet"))
     ):
-        files = str(path) if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
+        files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else str(path)  # a file or a pattern
         return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
     return datasets.load_dataset(str(source), split=split, streaming=streaming, **load_kwargs)
 
@@ -108,16 +112,25 @@ def image_bytes(value: Any) -> bytes | None:
     raise TypeError(f"Unsupported image value of type {type(value).__name__}")
 
 
-def _is_decodable(data: bytes | None) -> bool:
-    """Cheap check: PIL can identify the format and size from the header."""
+def image_problem(data: bytes | None, verify: bool = False) -> str:
+    """``""`` for a usable image, else the drop reason.
+
+    The default check reads the header only (cheap, for scoring passes that decode every image anyway);
+    ``verify=True`` decodes the whole image as training will, so a truncated file is caught here.
+    """
     if not data:
-        return False
+        return UNDECODABLE_IMAGE
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.size  # noqa: B018 - parsing the header is the check
-        return True
+        if verify:
+            decode_image(data, min_size=VERIFY_SIZE)
+        else:
+            with Image.open(io.BytesIO(data)) as image:
+                image.size  # noqa: B018 - parsing the header is the check
+    except ImageDecodeError as error:
+        return error.reason
     except Exception:
-        return False
+        return UNDECODABLE_IMAGE
+    return ""
 
 
 def _label_reason(label_0: Any, label_1: Any, has_label: Any, are_different: Any, drop_ties: bool) -> str:
@@ -141,13 +154,15 @@ def orient_pairs(
     drop_ties: bool = True,
     check_images: bool = True,
     reward_columns: tuple[str, str] | None = None,
+    verify_images: bool = False,
 ) -> dict[str, list]:
     """Batched map function: source rows -> canonical pairs with a ``drop_reason`` (``""`` if kept).
 
     Pick-a-Pic's ``label_0`` is 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie.
     Ties kept with ``drop_ties=False`` keep the source order and are flagged ``tie=True``.
     ``reward_columns`` (precomputed rewards of image 0/1, or of chosen/rejected for TRL rows) are
-    oriented the same way into ``reward_chosen`` and ``reward_rejected``.
+    oriented the same way into ``reward_chosen`` and ``reward_rejected``. ``check_images`` reads each
+    image's header; ``verify_images`` decodes each image whole (see ``image_problem``).
     """
     n = len(indices)
     out: dict[str, list] = {column: [] for column in PAIR_COLUMNS}
@@ -173,8 +188,8 @@ def orient_pairs(
             chosen, rejected = image_bytes(batch["chosen"][i]), image_bytes(batch["rejected"][i])
         if not reason and (not isinstance(prompt, str) or not prompt.strip()):
             reason = EMPTY_PROMPT
-        if not reason and check_images and not (_is_decodable(chosen) and _is_decodable(rejected)):
-            reason = UNDECODABLE_IMAGE
+        if not reason and (check_images or verify_images):
+            reason = image_problem(chosen, verify_images) or image_problem(rejected, verify_images)
         out["row_id"].append(indices[i])
         out["prompt"].append(prompt.strip() if isinstance(prompt, str) else "")
         out["chosen"].append(chosen if not reason else None)
@@ -216,22 +231,33 @@ def map_to_pairs(
     reward_columns: tuple[str, str] | None = None,
     num_proc: int | None = None,
     batch_size: int = 256,
+    verify_images: bool = False,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Map source rows to canonical pairs, dropped rows included and marked (lazy when streaming)."""
-    columns = list(dataset.column_names or next(iter(dataset)).keys())
-    schema = detect_schema(columns)
+    columns = dataset.column_names
+    if columns is None:  # a streamed dataset of unknown features: its first row tells
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError("The dataset is empty: it has no rows (and no columns to check).")
+        columns = list(first)
+    schema = detect_schema(list(columns))
     missing = [column for column in reward_columns or () if column not in columns]
     if missing:
         raise ValueError(f"Missing precomputed reward column(s) {missing}; got {sorted(columns)}.")
     function = partial(
-        orient_pairs, schema=schema, drop_ties=drop_ties, check_images=check_images, reward_columns=reward_columns
-    )
+        orient_pairs, schema=schema, drop_ties=drop_ties, check_images=check_images,
+        reward_columns=reward_columns, verify_images=verify_images,
+    )  # fmt: skip
     features = PAIR_FEATURES.copy()
     if reward_columns:
         features.update(reward_chosen=datasets.Value("float64"), reward_rejected=datasets.Value("float64"))
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:  # map would not run: no columns to return
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     dataset = _undecoded(dataset)
     kwargs = (
-        {"num_proc": num_proc, "desc": "Orienting preference pairs"} if isinstance(dataset, datasets.Dataset) else {}
+        {"num_proc": num_proc, "desc": "Verifying images" if verify_images else "Orienting preference pairs"}
+        if isinstance(dataset, datasets.Dataset)
+        else {}
     )
     return dataset.map(
         function,
@@ -250,9 +276,16 @@ def to_preference_pairs(
     check_images: bool = True,
     reward_columns: tuple[str, str] | None = None,
     num_proc: int | None = None,
+    verify_images: bool = False,
 ) -> tuple[datasets.Dataset, RowReport]:
-    """Canonical pairs of a map-style dataset, with the report of what was dropped and why."""
-    marked = map_to_pairs(dataset, drop_ties, check_images, reward_columns, num_proc=num_proc)
+    """Canonical pairs of a map-style dataset, with the report of what was dropped and why.
+
+    ``verify_images=True`` decodes every image whole (a trainer's choice: a truncated file is dropped
+    and counted here rather than crashing a training step); the default reads headers only.
+    """
+    marked = map_to_pairs(
+        dataset, drop_ties, check_images, reward_columns, num_proc=num_proc, verify_images=verify_images
+    )
     report = RowReport.from_reasons("to_preference_pairs", marked["drop_reason"])
     return unmarked(marked).remove_columns("drop_reason"), report
 

@@ -1,16 +1,21 @@
 """The FiFA filter: source rows -> canonical pairs -> margins (chunked, resumable) -> quality and
 diversity (once per unique prompt, cached) -> selection -> the subset, with full row accounting.
 
-Margins are computed chunk by chunk over a stream and written as parquet parts without images, so
-memory stays bounded whatever the dataset size and an interrupted run resumes at the first missing
-part. Prompt scores live in a SQLite cache, so a resumed run never asks the LLM twice.
+Every model and the dataset are resolved before any work. Margins are computed chunk by chunk over
+a stream and written as parts without images (``fifa_hf.storage.ScoreParts``), so memory stays
+bounded whatever the dataset size; a re-run reuses a part only when the rows it scored and the
+options that scored them are unchanged, and rescores it otherwise. Prompt scores live in a SQLite
+cache keyed by the scorer's weights, so a resumed run never asks the LLM twice. The output directory
+is replaced as a whole at the end (``fifa_hf.hub.write_subset``).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,52 +27,61 @@ import yaml
 from tqdm.auto import tqdm
 
 from fifa_hf.data import RowReport, load_preference_dataset, map_to_pairs, unmarked
-from fifa_hf.scoring import (
-    CLIPRewardModel,
-    EndpointQualityScorer,
-    HeuristicQualityScorer,
-    MarginScorer,
-    OfflineQualityScorer,
-    OpenCLIPRewardModel,
-    PrecomputedReward,
-    PromptEmbedder,
-    ScoreCache,
-    TransformersQualityScorer,
-    add_prompt_signals,
-)
+from fifa_hf.hub import LOCAL_SOURCE_FILE, hub_repo_id, is_resume_state, write_subset
+from fifa_hf.images import DECODER_VERSION
+from fifa_hf.progress import datasets_bars_disabled
+from fifa_hf.resolve import ResolutionError, resolve_hub_reference
+from fifa_hf.scoring import MarginScorer, ScoreCache, add_prompt_signals
+from fifa_hf.scoring.builders import build_embedder, build_quality_scorer, build_reward_model, resolve_models
 from fifa_hf.scoring.diversity import DEFAULT_EMBEDDING_MODEL
 from fifa_hf.scoring.margin import MARGIN_COLUMNS
 from fifa_hf.scoring.rewards import PICKSCORE_MODEL
 from fifa_hf.selection import (
     DEFAULT_DIMINISHING_RETURNS,
+    DEFAULT_K,
     DEFAULT_METHOD,
     DEFAULT_QUALITY_THRESHOLD,
     METHODS,
     NORMALIZATIONS,
+    QSD_DEFAULT_FRACTION,
     SETWISE_BASES,
+    resolve_k,
     select,
 )
+from fifa_hf.storage import ScoreParts, chunk_digest, recover_output_dir
 
 logger = logging.getLogger(__name__)
 
 QUALITY_FAILED = "quality_failed"
 SCORE_COLUMNS = ("row_id", "prompt", "tie", "drop_reason", *MARGIN_COLUMNS)
+# Keys of older configurations (fifa_config.yaml files, recipes) and what they are called now.
+RENAMED_KEYS = {"dataset": "dataset_name", "private": "hub_private_repo"}
 
 
 @dataclass
 class FiFAConfig:
     """Configuration of the FiFA filter.
 
-    Parameters that control the data: ``dataset``, ``split``, ``streaming``, ``drop_ties``.
+    Parameters that control the data: ``dataset_name``, ``split``, ``streaming``, ``drop_ties``.
     Parameters that control the signals: ``reward_*`` and ``margin_mode`` (margin), ``quality_*``
     (quality), ``embedding_model``, ``knn_k`` and ``knn_method`` (diversity).
     Parameters that control the selection: ``method``, ``k``, ``alpha``, ``gamma``, ``normalization``,
-    ``max_pairs_per_prompt``, ``seed``. The paper publishes no alpha, gamma or k; the defaults weigh
-    the three z-scored signals equally.
+    ``max_pairs_per_prompt``, ``seed``, ``strict``. The paper publishes no alpha, gamma or k; the
+    defaults weigh the three z-scored signals equally.
+    Parameters that control the output: ``output_dir``, ``license``, ``push_to_hub``, ``hub_model_id``,
+    ``hub_private_repo`` (TRL's names; the token is read from ``HF_TOKEN`` only).
+
+    Renamed: ``dataset`` is now ``dataset_name`` (``--dataset`` still works on the command line) and
+    ``private`` is ``hub_private_repo``; ``from_yaml`` (``fifa-hf select`` on older outputs) maps the old
+    keys, a ``--config`` recipe must be edited.
     """
 
-    dataset: str | None = field(
-        default=None, metadata={"help": "Hub id, `save_to_disk` directory or parquet file(s)."}
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, `save_to_disk` directory or parquet file(s) of the source rows.",
+            "aliases": ["--dataset"],  # its former name
+        },
     )
     split: str = field(default="train", metadata={"help": "Split to filter."})
     streaming: bool = field(default=False, metadata={"help": "Stream the source instead of downloading it whole."})
@@ -79,7 +93,7 @@ class FiFAConfig:
     )
     reward_model: str = field(
         default=PICKSCORE_MODEL,
-        metadata={"help": "Reward model id or path (open_clip: architecture or `local-dir:`)."},
+        metadata={"help": "Reward model id or path (open_clip: architecture, `local-dir:<path>` or `hf-hub:<id>`)."},
     )
     reward_processor: str | None = field(
         default=None, metadata={"help": "CLIP processor id; PickScore's default is laion/CLIP-ViT-H-14."}
@@ -104,12 +118,17 @@ class FiFAConfig:
         metadata={"help": "Chat model id or path (llm), or the model name sent to the endpoint."},
     )
     quality_endpoint: str | None = field(
-        default=None, metadata={"help": "Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."}
+        default=None,
+        metadata={"help": "Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1 (never published)."},
     )
     quality_api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
     )
     quality_concurrency: int = field(default=8, metadata={"help": "Concurrent endpoint requests."})
+    quality_timeout: float = field(default=30.0, metadata={"help": "Seconds before an endpoint request times out."})
+    quality_max_retries: int = field(
+        default=3, metadata={"help": "Retries of a failed or unparseable endpoint request (with backoff)."}
+    )
 
     embedding_model: str = field(
         default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "sentence-transformers model for prompt embeddings."}
@@ -130,7 +149,8 @@ class FiFAConfig:
     k: float | None = field(
         default=None,
         metadata={
-            "help": "Pairs to keep: a count (>= 1) or a fraction of the scored pairs (< 1). Default: 5000, or the top 5.33% for qsd."
+            "help": "Pairs to keep: a count (>= 1) or a fraction of the scored pairs (< 1). "
+            "Default: 5000, or the top 5.33 percent for qsd."
         },
     )
     alpha: float = field(
@@ -158,6 +178,7 @@ class FiFAConfig:
         default=None, metadata={"help": "Optional cap on selected pairs per prompt."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
+    strict: bool = field(default=False, metadata={"help": "Fail, rather than warn, when k keeps every scored pair."})
 
     batch_size: int = field(default=64, metadata={"help": "Pairs per reward-model batch."})
     chunk_size: int = field(default=4096, metadata={"help": "Pairs per resumable scoring part."})
@@ -170,10 +191,16 @@ class FiFAConfig:
         default=None, metadata={"help": "Prompt-score cache directory (default: output_dir/cache)."}
     )
     license: str | None = field(default=None, metadata={"help": "License for the card when the source declares none."})
-    push_to_hub: str | None = field(
-        default=None, metadata={"help": "Dataset repo id (user/name) to publish the subset to."}
+    push_to_hub: bool = field(default=False, metadata={"help": "Publish the subset as a Hub dataset repo."})
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset repo to push to (`user/name`, or `name` in your namespace); default: output_dir's name."
+        },
     )
-    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_private_repo: bool | None = field(
+        default=None, metadata={"help": "Create the repo private (default: the Hub's default for you or your org)."}
+    )
 
     def __post_init__(self):
         choices = {
@@ -184,6 +211,7 @@ class FiFAConfig:
             "method": METHODS,
             "normalization": NORMALIZATIONS,
             "setwise_base": SETWISE_BASES,
+            "dtype": ("float32", "float16", "bfloat16"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -192,6 +220,18 @@ class FiFAConfig:
             raise ValueError("reward_type='precomputed' needs reward_columns='column_0,column_1'.")
         if self.quality_scorer == "endpoint" and self.needs_quality and not self.quality_endpoint:
             raise ValueError("quality_scorer='endpoint' needs quality_endpoint.")
+        if self.quality_timeout <= 0 or self.quality_max_retries < 0 or self.quality_concurrency < 1:
+            raise ValueError("quality_timeout must be > 0, quality_max_retries >= 0 and quality_concurrency >= 1.")
+
+    @property
+    def needs_quality(self) -> bool:
+        """Quality is scored when FiFA weighs it or setwise gates on it."""
+        return bool(self.alpha) or self.method == "setwise"
+
+    @property
+    def needs_diversity(self) -> bool:
+        """Diversity is embedded only when FiFA weighs it; no other method reads it."""
+        return bool(self.gamma) and self.method == "fifa"
 
     @property
     def reward_column_pair(self) -> tuple[str, str] | None:
@@ -202,6 +242,13 @@ class FiFAConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> FiFAConfig:
         values = yaml.safe_load(Path(path).read_text()) or {}
+        for old, new in RENAMED_KEYS.items():
+            if old in values:
+                logger.warning("%s: the key %r is now called %r.", path, old, new)
+                values.setdefault(new, values.pop(old))
+        if isinstance(values.get("push_to_hub"), str):  # once the repo id; now a flag beside hub_model_id
+            values.setdefault("hub_model_id", values["push_to_hub"])
+            values["push_to_hub"] = True
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"Unknown FiFAConfig key(s) in {path}: {sorted(unknown)}")
@@ -210,44 +257,10 @@ class FiFAConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def build_reward_model(self):
-        if self.reward_type == "precomputed":
-            return PrecomputedReward(*self.reward_column_pair)
-        if self.reward_type == "open_clip":
-            return OpenCLIPRewardModel(self.reward_model, self.reward_pretrained, self.device, self.dtype)
-        return CLIPRewardModel(self.reward_model, self.reward_processor, self.device, self.dtype)
-
-    @property
-    def needs_quality(self) -> bool:
-        """Quality is scored when FiFA weighs it or setwise gates on it."""
-        return bool(self.alpha) or self.method == "setwise"
-
-    def build_quality_scorer(self):
-        if not self.needs_quality:
-            return None
-        if self.quality_scorer == "heuristic":
-            return HeuristicQualityScorer()
-        if self.quality_scorer == "offline":
-            return OfflineQualityScorer(device=self.device)
-        if self.quality_scorer == "endpoint":
-            return EndpointQualityScorer(
-                self.quality_endpoint, self.quality_model, api_key_env=self.quality_api_key_env,
-                concurrency=self.quality_concurrency,
-            )  # fmt: skip
-        return TransformersQualityScorer(self.quality_model, device=self.device, dtype=self.dtype)
-
-    @property
-    def needs_diversity(self) -> bool:
-        """Diversity is embedded only when FiFA weighs it; no other method reads it."""
-        return bool(self.gamma) and self.method == "fifa"
-
-    def build_embedder(self):
-        return PromptEmbedder(self.embedding_model, device=self.device) if self.needs_diversity else None
-
 
 @dataclass
 class FilterReport:
-    """Row accounting through every step plus what the selection kept."""
+    """Row accounting through every step, how much was resumed, and what the selection kept and why."""
 
     steps: list[RowReport] = field(default_factory=list)
     selected: int = 0
@@ -256,8 +269,10 @@ class FilterReport:
     quality_cached: int = 0
     quality_scored: int = 0
     resumed_rows: int = 0
+    rescored_rows: int = 0
     score_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
+    not_selected: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_in(self) -> int:
@@ -281,11 +296,13 @@ class FilterReport:
             "rows_kept": self.rows_kept,
             "dropped": self.dropped,
             "selected": self.selected,
+            "not_selected": self.not_selected,
             "unique_prompts": self.unique_prompts,
             "unique_prompts_selected": self.unique_prompts_selected,
             "quality_cached": self.quality_cached,
             "quality_scored": self.quality_scored,
             "resumed_rows": self.resumed_rows,
+            "rescored_rows": self.rescored_rows,
             "steps": [asdict(step) for step in self.steps],
             "score_summary": self.score_summary,
             "selection": self.selection,
@@ -293,6 +310,11 @@ class FilterReport:
 
     def __str__(self) -> str:
         lines = [str(step) for step in self.steps]
+        if self.resumed_rows or self.rescored_rows:
+            lines.append(
+                f"resumed: margins of {self.resumed_rows} rows reused, {self.rescored_rows} rescored "
+                "(their source rows changed)"
+            )
         lines.append(f"selected {self.selected} of {self.rows_kept} pairs ({self.unique_prompts_selected} prompts)")
         if "gated_out" in self.selection:
             lines.append(
@@ -310,80 +332,121 @@ class FilterResult:
     config: FiFAConfig
 
 
+def _num_rows(source: datasets.Dataset | datasets.IterableDataset, split: str) -> int | None:
+    """The number of source rows when it is known without reading them (a progress bar's total)."""
+    if isinstance(source, datasets.Dataset):
+        return len(source)
+    try:
+        return int(source.info.splits[split].num_examples) or None
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
 class FiFAFilter:
-    """Runs normalize -> score (with the caches) -> select and returns the subset and its report."""
+    """Runs normalize -> score (with the caches) -> select and returns the subset and its report.
+
+    Every model not passed in is resolved when the filter is built (a missing model fails here, not
+    after the margins); the dataset is resolved when ``run`` starts.
+    """
 
     def __init__(
         self, config: FiFAConfig, reward_model=None, quality_scorer=None, embedder=None, progress: bool = True
     ):
         self.config = config
         self.progress = progress  # False: no progress bars (a caller running many filters shows its own)
-        self.reward_model = reward_model or config.build_reward_model()
-        self.quality_scorer = quality_scorer if quality_scorer is not None else config.build_quality_scorer()
-        self.embedder = embedder if embedder is not None else config.build_embedder()
         self.output_dir = Path(config.output_dir)
+        self.resolved = resolve_models(
+            config, reward=reward_model is None, quality=quality_scorer is None, embedding=embedder is None
+        )
+        self.reward_model = reward_model if reward_model is not None else build_reward_model(config, self.resolved)
+        self.quality_scorer = (
+            quality_scorer if quality_scorer is not None else build_quality_scorer(config, self.resolved)
+        )
+        self.embedder = embedder if embedder is not None else build_embedder(config, self.resolved)
+        if config.push_to_hub:
+            config.hub_model_id = hub_repo_id(config.hub_model_id, config.output_dir)
 
     # ---- scoring -------------------------------------------------------------------------------
-    def _scoring_fingerprint(self) -> dict[str, Any]:
+    def scoring_options(self) -> dict[str, Any]:
+        """Every option a margin depends on, with models by weights (Hub commit or file digest)."""
         c = self.config
+        reward = getattr(self.reward_model, "identity", None) or type(self.reward_model).__qualname__
         return {
-            "dataset": c.dataset, "split": c.split, "drop_ties": c.drop_ties, "reward_type": c.reward_type,
-            "reward_model": c.reward_model, "reward_processor": c.reward_processor,
-            "reward_pretrained": c.reward_pretrained, "reward_columns": c.reward_columns,
-            "margin_mode": c.margin_mode, "chunk_size": c.chunk_size,
+            "reward_type": c.reward_type, "reward": reward, "reward_columns": c.reward_columns,
+            "margin_mode": c.margin_mode, "dtype": c.dtype, "drop_ties": c.drop_ties, "chunk_size": c.chunk_size,
+            "image_decoding": f"fifa_hf.images v{DECODER_VERSION}, reduced to the reward model's input size",
         }  # fmt: skip
 
-    def score_margins(self, source: datasets.Dataset | datasets.IterableDataset) -> tuple[pd.DataFrame, int]:
-        """Margins of every source row (dropped rows included, with their reason), resumable by part."""
-        parts = self.output_dir / "scores_parts"
-        parts.mkdir(parents=True, exist_ok=True)
-        fingerprint_file = parts / "fingerprint.json"
-        fingerprint = self._scoring_fingerprint()
-        if fingerprint_file.exists() and json.loads(fingerprint_file.read_text()) != fingerprint:
-            raise ValueError(
-                f"{parts} holds scores made with another configuration; delete it or use another output_dir."
-            )
-        fingerprint_file.write_text(json.dumps(fingerprint, indent=2))
-        done = sorted(parts.glob("part-*.parquet"))
-        resumed = len(done) * self.config.chunk_size
+    def score_margins(self, source: datasets.Dataset | datasets.IterableDataset) -> tuple[pd.DataFrame, Counter]:
+        """Margins of every source row (dropped rows included, with their reason), resumable by part.
+
+        Returns the scores and how many rows were ``reused`` from parts, ``rescored`` because their
+        rows changed since, and ``scored`` for the first time.
+        """
+        parts = ScoreParts(self.output_dir / "scores_parts", self.scoring_options())
+        parts.check_options()
+        total = _num_rows(source, self.config.split)
         if isinstance(source, datasets.Dataset):
             source = source.to_iterable_dataset()
         marked = map_to_pairs(source, drop_ties=self.config.drop_ties, reward_columns=self.config.reward_column_pair)
-        if resumed:
-            marked = marked.skip(resumed)
-            logger.info("Resuming after %d scored rows (%d parts).", resumed, len(done))
         scorer = MarginScorer(self.reward_model, absolute=self.config.margin_mode == "absolute")
-        index = len(done)
-        progress = tqdm(desc="Scoring margins", unit="pairs", initial=resumed, disable=not self.progress)
-        for chunk in marked.iter(batch_size=self.config.chunk_size):
-            table = datasets.Dataset.from_dict(chunk)
-            scored = unmarked(table).map(
-                scorer, batched=True, batch_size=self.config.batch_size, with_rank=True,
-                num_proc=self.config.num_proc, remove_columns=["chosen", "rejected"], desc=None,
-            ).to_pandas()  # fmt: skip
-            dropped = pd.DataFrame({name: chunk[name] for name in ("row_id", "prompt", "tie", "drop_reason")})
-            dropped = dropped[dropped["drop_reason"] != ""].assign(
-                reward_chosen=np.nan, reward_rejected=np.nan, margin=np.nan, margin_error=""
+        counts: Counter = Counter()
+        frames, index = [], 0
+        bar = tqdm(total=total, desc="Scoring preference margins", unit="pairs", disable=not self.progress)
+        with datasets_bars_disabled(), bar:
+            for index, chunk in enumerate(marked.iter(batch_size=self.config.chunk_size)):
+                digest, rows = chunk_digest(chunk), len(chunk["row_id"])
+                frame = parts.load(index, digest)
+                if frame is not None:
+                    counts["reused"] += rows
+                else:
+                    if parts.exists(index):
+                        counts["rescored"] += rows
+                        logger.warning("Rows %d-%d changed since they were scored; rescoring them.",
+                                       chunk["row_id"][0], chunk["row_id"][-1])  # fmt: skip
+                    else:
+                        counts["scored"] += rows
+                    frame = self._score_chunk(chunk, marked.features, scorer)
+                    parts.save(index, frame, digest)
+                frames.append(frame)
+                bar.update(rows)
+        removed = parts.remove_from(index + 1 if frames else 0)
+        if counts["reused"] or counts["rescored"] or removed:
+            logger.info(
+                "Resumed from %s: margins of %d rows reused, %d rescored (changed), %d scored; %d stale parts removed.",
+                parts.directory, counts["reused"], counts["rescored"], counts["scored"], removed,
+            )  # fmt: skip
+        scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCORE_COLUMNS))
+        return scores, counts
+
+    def _score_chunk(self, chunk: dict[str, list], features, scorer: MarginScorer) -> pd.DataFrame:
+        table = unmarked(datasets.Dataset.from_dict(chunk, features=features))
+        frames = []
+        if len(table):
+            frames.append(
+                table.map(
+                    scorer,
+                    batched=True,
+                    batch_size=self.config.batch_size,
+                    with_rank=True,
+                    num_proc=self.config.num_proc,
+                    remove_columns=["chosen", "rejected"],
+                ).to_pandas()  # fmt: skip
             )
-            frame = pd.concat([scored, dropped]).sort_values("row_id")[list(SCORE_COLUMNS)]
-            temporary = parts / f".part-{index:05d}.tmp"
-            frame.to_parquet(temporary, index=False)
-            os.replace(temporary, parts / f"part-{index:05d}.parquet")
-            index += 1
-            progress.update(len(table))
-        progress.close()
-        files = sorted(parts.glob("part-*.parquet"))
-        frames = [pd.read_parquet(f) for f in files]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCORE_COLUMNS)), resumed
+        dropped = pd.DataFrame({name: chunk[name] for name in ("row_id", "prompt", "tie", "drop_reason")})
+        dropped = dropped[dropped["drop_reason"] != ""]
+        if len(dropped):
+            frames.append(dropped.assign(reward_chosen=np.nan, reward_rejected=np.nan, margin=np.nan, margin_error=""))
+        return pd.concat(frames).sort_values("row_id")[list(SCORE_COLUMNS)].reset_index(drop=True)
 
     def score(self, source) -> tuple[pd.DataFrame, FilterReport]:
         """All signals for every row, and the accounting; rows that cannot be scored are kept with a reason."""
         report = FilterReport()
-        scores, report.resumed_rows = self.score_margins(source)
+        scores, counts = self.score_margins(source)
+        report.resumed_rows, report.rescored_rows = counts["reused"], counts["rescored"]
         report.steps.append(RowReport.from_reasons("to_preference_pairs", scores["drop_reason"].tolist()))
         margin_failed = (scores["drop_reason"] == "") & ~np.isfinite(scores["margin"].to_numpy(dtype=float))
-        reasons = scores["margin_error"].str.split(":").str[0].where(scores["margin_error"] != "", "missing_reward")
-        scores.loc[margin_failed, "drop_reason"] = reasons[margin_failed]
+        scores.loc[margin_failed, "drop_reason"] = _reason(scores["margin_error"], "missing_reward")[margin_failed]
         report.steps.append(self._step("margin", scores, before=margin_failed | (scores["drop_reason"] == "")))
 
         kept = scores["drop_reason"] == ""
@@ -404,7 +467,7 @@ class FiFAFilter:
                 scores.loc[kept, column] = signals[column]
         if "quality" in signals.column_names:
             failed = kept & ~np.isfinite(scores["quality"].to_numpy(dtype=float))
-            scores.loc[failed, "drop_reason"] = QUALITY_FAILED
+            scores.loc[failed, "drop_reason"] = _reason(scores["quality_error"], QUALITY_FAILED)[failed]
             report.steps.append(self._step("quality", scores, before=kept))
         return scores, report
 
@@ -418,34 +481,56 @@ class FiFAFilter:
     # ---- running -------------------------------------------------------------------------------
     def run(self, source: datasets.Dataset | datasets.IterableDataset | None = None) -> FilterResult:
         """Score, select and write ``output_dir`` (subset parquet, scores parquet, card, config, report)."""
-        from fifa_hf.hub import write_subset
-
         raw = source if source is not None else self.load_source()
+        recover_output_dir(self.output_dir, is_resume_state)
         scores, report = self.score(raw)
         scores = self.select(scores)
-        subset = materialize_subset(raw, scores)
         finish_report(report, scores, self.config)
+        subset = materialize_subset(raw, scores)
         write_subset(self.output_dir, subset, scores, report, self.config)
         return FilterResult(subset, scores, report, self.config)
 
     def load_source(self):
-        if not self.config.dataset:
-            raise ValueError("FiFAConfig.dataset is not set and no dataset was passed to run().")
-        return load_preference_dataset(self.config.dataset, self.config.split, streaming=self.config.streaming)
+        if not self.config.dataset_name:
+            raise ValueError("FiFAConfig.dataset_name is not set and no dataset was passed to run().")
+        return load_source(self.config.dataset_name, self.config.split, self.config.streaming)
+
+
+def load_source(dataset_name: str, split: str, streaming: bool):
+    """The source rows, after checking the reference (a missing local path or Hub repo fails at once)."""
+    if glob.has_magic(dataset_name):  # parquet files by pattern
+        if not glob.glob(os.path.expanduser(dataset_name)):
+            raise ResolutionError(f"--dataset_name: no file matches {dataset_name!r}.")
+        return load_preference_dataset(os.path.expanduser(dataset_name), split, streaming=streaming)
+    resolved = resolve_hub_reference(dataset_name, "--dataset_name", repo_type="dataset", download=False)
+    return load_preference_dataset(resolved, split, streaming=streaming)
+
+
+def _reason(errors: pd.Series, default: str) -> pd.Series:
+    """The reason category of each error text (``undecodable_image: ...`` -> ``undecodable_image``)."""
+    errors = errors.fillna("").astype(str)
+    return errors.str.split(":").str[0].where(errors != "", default)
 
 
 def apply_selection(scores: pd.DataFrame, config: FiFAConfig) -> pd.DataFrame:
     """Add ``fifa_score`` (the method's score), ``selected`` and ``rank`` (0 = best) to a scores table.
 
-    Needs no model: ``fifa-hf select`` re-runs it on saved scores with other settings in seconds.
+    Needs no model: ``fifa-hf select`` re-runs it on saved scores with other settings in seconds. A
+    ``k`` that keeps every scored pair filters nothing: it is warned about (an error with ``strict``).
     """
     scores = scores.copy()
     kept = scores.index[scores["drop_reason"] == ""]
     pool = scores.loc[kept]
+    k = config.k if config.k is not None else (QSD_DEFAULT_FRACTION if config.method == "qsd" else DEFAULT_K)
+    if len(pool) and resolve_k(k, len(pool)) >= len(pool):
+        message = f"k={k:g} keeps all {len(pool)} scored pairs: nothing is filtered out."
+        if config.strict:
+            raise ValueError(f"{message} Lower k (strict mode).")
+        logger.warning(message)
     names = ("row_id", "prompt", "margin", "reward_chosen", "reward_rejected", "quality", "diversity")
     columns = {name: pool[name].to_numpy() for name in names if name in pool}
     positions, method_scores = select(
-        columns, config.method, config.k, config.alpha, config.gamma, config.normalization,
+        columns, config.method, k, config.alpha, config.gamma, config.normalization,
         config.max_pairs_per_prompt, config.seed, config.quality_threshold, config.diminishing_returns,
         config.setwise_base,
     )  # fmt: skip
@@ -460,11 +545,18 @@ def apply_selection(scores: pd.DataFrame, config: FiFAConfig) -> pd.DataFrame:
 
 
 def reselect(scores_dir: str | Path, output_dir: str | Path, **overrides: Any) -> FilterResult:
-    """Select again from a filter run's saved scores (``fifa-hf select``): no model is loaded."""
-    from fifa_hf.hub import write_subset
+    """Select again from a filter run's saved scores (``fifa-hf select``): no model is loaded.
 
+    The source rows are read from ``dataset_name`` if given, else from where the filter read them.
+    """
     scores_dir = Path(scores_dir)
     config = FiFAConfig.from_yaml(scores_dir / "fifa_config.yaml", output_dir=str(output_dir), **overrides)
+    local_source = scores_dir / LOCAL_SOURCE_FILE
+    dataset_name = overrides.get("dataset_name")
+    if dataset_name is None and local_source.exists():
+        dataset_name = json.loads(local_source.read_text())["dataset_name"]
+        config.dataset_name = dataset_name
+    raw = load_source(dataset_name or config.dataset_name, config.split, config.streaming)
     scores = apply_selection(pd.read_parquet(scores_dir / "scores.parquet"), config)
     previous = json.loads((scores_dir / "report.json").read_text())
     report = FilterReport(
@@ -473,9 +565,8 @@ def reselect(scores_dir: str | Path, output_dir: str | Path, **overrides: Any) -
         quality_cached=previous["quality_cached"],
         quality_scored=previous["quality_scored"],
     )
-    raw = load_preference_dataset(config.dataset, config.split, streaming=config.streaming)
-    subset = materialize_subset(raw, scores)
     finish_report(report, scores, config)
+    subset = materialize_subset(raw, scores)
     write_subset(output_dir, subset, scores, report, config)
     return FilterResult(subset, scores, report, config)
 
@@ -495,16 +586,30 @@ def selection_settings(config: FiFAConfig, scores: pd.DataFrame) -> dict[str, An
 
 
 def finish_report(report: FilterReport, scores: pd.DataFrame, config: FiFAConfig) -> None:
-    selected = scores[scores["selected"]]
+    """The selection's settings, why scored pairs were not selected (setwise's quality gate, held back by
+    ``max_pairs_per_prompt``, below the cut) and score summaries."""
+    pool = scores[scores["drop_reason"] == ""]
+    selected = pool[pool["selected"]]
     report.selected = len(selected)
     report.unique_prompts_selected = selected["prompt"].nunique()
     report.selection = selection_settings(config, scores)
+    rest = pool[~pool["selected"]]
+    gated = rest["fifa_score"].isna()  # setwise scores the pairs below its quality gate NaN
+    capped = pd.Series(False, index=rest.index)
+    if config.max_pairs_per_prompt and len(selected):
+        # A pair scoring at least as well as the last one kept was left out only because its prompt was full.
+        full = selected["prompt"].value_counts()
+        full = set(full[full >= config.max_pairs_per_prompt].index)
+        capped = rest["prompt"].isin(full) & (rest["fifa_score"] >= selected["fifa_score"].min())
+    counts = {"quality_gate": int(gated.sum()), "max_pairs_per_prompt": int(capped.sum())}
+    counts["below_cutoff"] = len(rest) - sum(counts.values())
+    report.not_selected = {reason: count for reason, count in counts.items() if count}
     summary = {}
     for column in ("margin", "quality", "diversity", "fifa_score"):
         if column in scores:
-            for name, frame in (("all", scores[scores["drop_reason"] == ""]), ("selected", selected)):
+            for name, frame in (("all", pool), ("selected", selected)):
                 values = frame[column].to_numpy(dtype=float)
-                values = values[np.isfinite(values)]  # setwise scores pairs below its quality gate NaN
+                values = values[np.isfinite(values)]
                 if len(values):
                     summary.setdefault(column, {})[name] = {
                         "mean": float(np.mean(values)), "std": float(np.std(values)),
@@ -525,14 +630,16 @@ def materialize_subset(raw: datasets.Dataset | datasets.IterableDataset, scores:
     else:
         wanted = set(row_ids.tolist())
         found = {}
-        for index, row in enumerate(tqdm(raw, desc="Collecting selected rows", unit="rows")):
+        last = int(row_ids.max()) + 1 if len(row_ids) else 0
+        for index, row in enumerate(tqdm(raw, desc="Collecting the selected rows", unit="rows", total=last)):
             if index in wanted:
                 found[index] = row
                 if len(found) == len(wanted):
                     break
         subset = datasets.Dataset.from_list([found[i] for i in row_ids], features=raw.features)
-    for column in SUBSET_SCORE_COLUMNS:
-        if column in selected and column not in subset.column_names:
-            values = selected[column].to_numpy()
-            subset = subset.add_column(column, values.tolist())
+    with datasets_bars_disabled():
+        for column in SUBSET_SCORE_COLUMNS:
+            if column in selected and column not in subset.column_names:
+                values = selected[column].to_numpy()
+                subset = subset.add_column(column, values.tolist())
     return subset

@@ -3,7 +3,11 @@
 The directory is what ``load_dataset(output_dir)`` and ``load_dataset("<user>/pickapic-fifa")`` read:
 ``data/train-*.parquet`` (the selected source rows plus score columns), ``README.md`` (the card),
 ``scores.parquet`` (every pair's scores, no images, for ``fifa-hf select``), ``fifa_config.yaml``,
-``report.json`` and ``margin_histogram.png``.
+``report.json`` and two figures. It is built beside the old one and swapped in whole
+(``fifa_hf.storage.atomic_output_dir``); resume state (score parts, the prompt cache) and anything
+else that is not published output is carried over. Nothing published holds an absolute local path
+or a credential: paths are written relative to the working directory (or by name) and URLs redacted;
+the source's real location stays in the unpublished ``local_source.json`` for ``fifa-hf select``.
 """
 
 from __future__ import annotations
@@ -11,29 +15,48 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pandas as pd
 import yaml
 
-from fifa_hf.cards import dataset_card, margin_histogram
+from fifa_hf.cards import dataset_card, pairs_grid, signal_histograms
+from fifa_hf.progress import datasets_bars_disabled
+from fifa_hf.redact import published_reference
+from fifa_hf.storage import atomic_output_dir, matches_any
 
 PUBLISHED_PATTERNS = ["README.md", "data/*.parquet", "scores.parquet", "fifa_config.yaml", "report.json", "*.png"]
+LOCAL_SOURCE_FILE = "local_source.json"
+
+
+def is_resume_state(name: str) -> bool:
+    """Entries of an output directory that a new output keeps: everything that is not published output."""
+    return not matches_any(name, PUBLISHED_PATTERNS)
+
+
+def published_config(config) -> dict[str, Any]:
+    """``config.to_dict()`` with every string made fit for publishing (``published_reference``)."""
+    return {name: published_reference(value) for name, value in config.to_dict().items()}
 
 
 def write_subset(output_dir: str | Path, subset: datasets.Dataset, scores: pd.DataFrame, report, config) -> Path:
-    """Write the subset, all scores, the config, the report, the histogram and the card."""
+    """Write the subset, all scores, the config, the report, the figures and the card, atomically."""
     output_dir = Path(output_dir)
-    (output_dir / "data").mkdir(parents=True, exist_ok=True)
-    for old in (output_dir / "data").glob("*.parquet"):
-        old.unlink()
-    subset.to_parquet(str(output_dir / "data" / "train-00000-of-00001.parquet"))
-    scores.to_parquet(output_dir / "scores.parquet", index=False)
-    (output_dir / "fifa_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (output_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    margin_histogram(scores, output_dir / "margin_histogram.png")
-    card = dataset_card(config, report, config.license or source_license(config.dataset) or "unknown")
-    card.save(output_dir / "README.md")
+    with atomic_output_dir(output_dir, keep=is_resume_state) as staging, datasets_bars_disabled():
+        (staging / "data").mkdir()
+        subset.to_parquet(str(staging / "data" / "train-00000-of-00001.parquet"))
+        scores.to_parquet(staging / "scores.parquet", index=False)
+        (staging / "fifa_config.yaml").write_text(yaml.safe_dump(published_config(config), sort_keys=False))
+        source = {"dataset_name": config.dataset_name, "split": config.split}
+        (staging / LOCAL_SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        figures = {"histograms": signal_histograms(scores, staging / "signal_histograms.png").name}
+        if pairs_grid(subset, staging / "example_pairs.png") is not None:
+            figures["pairs"] = "example_pairs.png"
+        license = config.license or source_license(config.dataset_name) or "unknown"
+        repo_id = config.hub_model_id if config.push_to_hub else None
+        dataset_card(config, report, license, repo_id=repo_id, figures=figures).save(staging / "README.md")
     return output_dir
 
 
@@ -43,12 +66,26 @@ def source_license(dataset: str | None) -> str | None:
         return None
     from huggingface_hub import DatasetCard
 
+    local = Path(dataset).expanduser()
     try:
-        local = Path(dataset) / "README.md"
-        card = DatasetCard.load(local) if local.exists() else DatasetCard.load(dataset)
+        if local.exists():  # a local source: its own card or none, never a Hub lookup
+            card = DatasetCard.load(local / "README.md") if (local / "README.md").exists() else None
+        else:
+            card = DatasetCard.load(dataset)
     except Exception:  # offline, private or no card: the caller falls back to the config
         return None
-    return card.data.get("license")
+    return card.data.get("license") if card else None
+
+
+def hub_repo_id(hub_model_id: str | None, output_dir: str | Path) -> str:
+    """The full ``owner/name`` to push to: ``hub_model_id`` (TRL's default: the output directory's name),
+    in the token owner's namespace when it names no owner. Asks the Hub who the token belongs to."""
+    name = hub_model_id or Path(output_dir).name
+    if "/" in name:
+        return name
+    from huggingface_hub import HfApi
+
+    return f"{HfApi().whoami()['name']}/{name}"
 
 
 def upload_files(
@@ -57,27 +94,33 @@ def upload_files(
     repo_type: str,
     patterns: list[str],
     commit_message: str,
-    private: bool = False,
+    private: bool | None = None,
     token: str | None = None,
     revision: str | None = None,
-) -> str:
+):
     """Create the repo if needed and commit the files of ``folder`` matching ``patterns`` in one commit.
 
     The files are listed explicitly (never caches, checkpoints or logs). The token defaults to ``HF_TOKEN``.
+    Returns the commit (its text is the commit's URL).
     """
+    return _upload(folder, repo_id, repo_type, patterns, commit_message, private, token, revision)[1]
+
+
+def _upload(folder, repo_id, repo_type, patterns, commit_message, private, token=None, revision=None):
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
     files = sorted({path for pattern in patterns for path in folder.glob(pattern) if path.is_file()})
     operations = [CommitOperationAdd(path.relative_to(folder).as_posix(), str(path)) for path in files]
     api = HfApi(token=token or os.environ.get("HF_TOKEN"))
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    repo_url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     commit = api.create_commit(
-        repo_id, operations, repo_type=repo_type, commit_message=commit_message, revision=revision
+        repo_url.repo_id, operations, repo_type=repo_type, commit_message=commit_message, revision=revision
     )
-    return str(commit)
+    return repo_url, commit
 
 
-def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
-    """Publish a FiFA subset directory as a dataset repo."""
-    return upload_files(output_dir, repo_id, "dataset", PUBLISHED_PATTERNS, "Upload FiFA subset", private=private)
+def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool | None = None) -> str:
+    """Publish a FiFA subset directory as a dataset repo; returns the repo's URL, as the Hub reports it."""
+    repo_url, _ = _upload(output_dir, repo_id, "dataset", PUBLISHED_PATTERNS, "Upload FiFA subset", private)
+    return str(repo_url)

@@ -47,7 +47,7 @@ def test_filter_and_select_setwise_record_the_quality_gate(tmp_path, capsys):
     out = tmp_path / "setwise"
     main(
         [
-            "filter", "--dataset", str(tmp_path / "source"), "--output_dir", str(out), "--reward_type", "precomputed",
+            "filter", "--dataset_name", str(tmp_path / "source"), "--output_dir", str(out), "--reward_type", "precomputed",
             "--reward_columns", ",".join(SIMULATED_REWARD_COLUMNS), "--quality_scorer", "offline", "--k", "30",
         ]
     )  # fmt: skip

@@ -4,7 +4,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from fifa_hf.data import RowReport, load_preference_dataset, to_preference_pairs
+from fifa_hf.data import RowReport, load_preference_dataset, map_to_pairs, to_preference_pairs
 
 
 def png(color) -> bytes:
@@ -59,9 +59,33 @@ def test_has_label_and_are_different_and_bad_labels_are_dropped_and_counted():
 def test_empty_prompts_and_undecodable_images_are_dropped_not_crashing():
     rows = pickapic_rows(caption=["", None, "c", "  d "], jpg_0=[RED, RED, b"not an image", RED], label_0=[1.0] * 4)
     pairs, report = to_preference_pairs(rows)
-    assert pairs["prompt"] == ["d"]
-    assert report.dropped == {"empty_prompt": 2, "undecodable_image": 1}
-    assert report.rows_in == report.rows_kept + sum(report.dropped.values()) == 4
+    assert pairs["prompt"] == ["d"] and pairs["row_id"] == [3]
+    assert (report.rows_in, report.rows_kept, report.dropped) == (4, 1, {"empty_prompt": 2, "undecodable_image": 1})
+
+
+def test_verifying_images_drops_a_truncated_jpeg_whose_header_reads_fine():
+    import numpy as np
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    whole = buffer.getvalue()
+    truncated = whole[: len(whole) // 2]
+    rows = datasets.Dataset.from_dict(
+        {"prompt": ["a", "b", "c"], "chosen": [whole, truncated, whole], "rejected": [whole] * 3}
+    )
+    assert to_preference_pairs(rows)[1].rows_kept == 3  # the header check cannot tell
+    pairs, report = to_preference_pairs(rows, verify_images=True)
+    assert pairs["prompt"] == ["a", "c"] and report.dropped == {"undecodable_image": 1}
+
+
+def test_an_empty_dataset_gives_an_empty_report_or_a_clear_error():
+    empty = datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    pairs, report = to_preference_pairs(empty)
+    assert len(pairs) == 0 and (report.rows_in, report.rows_kept) == (0, 0)
+    with pytest.raises(ValueError, match=r"Missing column\(s\) \['prompt', 'chosen', 'rejected'\]"):
+        to_preference_pairs(datasets.Dataset.from_dict({}))
+    with pytest.raises(ValueError, match="The dataset is empty"):
+        map_to_pairs(datasets.IterableDataset.from_generator(lambda: iter([])))
 
 
 def test_trl_rows_with_bytes_pil_or_image_feature():
@@ -83,9 +107,11 @@ def test_missing_caption_or_prompt_names_the_column():
 
 
 def test_row_report_must_add_up():
-    assert str(RowReport("x", 3, 2, {"tie": 1})) == "x: 3 in, 2 kept, dropped: tie=1"
+    assert str(RowReport("x", 3, 2, {"tie": 1, "no_label": 0})) == "x: 3 in, 2 kept, dropped: tie=1"
     with pytest.raises(ValueError, match="does not add up"):
         RowReport("x", 3, 1, {"tie": 1})
+    report = RowReport.from_reasons("x", ["", "tie", "", "no_label", "tie"])
+    assert (report.rows_in, report.rows_kept, report.dropped) == (5, 2, {"no_label": 1, "tie": 2})
 
 
 def test_load_from_disk_parquet_and_streaming(tmp_path, synthetic_pickapic):
@@ -94,6 +120,7 @@ def test_load_from_disk_parquet_and_streaming(tmp_path, synthetic_pickapic):
     from_disk = load_preference_dataset(tmp_path / "disk")
     from_parquet = load_preference_dataset(tmp_path / "rows.parquet")
     assert from_disk["caption"] == from_parquet["caption"] == synthetic_pickapic["caption"]
+    assert load_preference_dataset(str(tmp_path / "r*.parquet"))["caption"] == synthetic_pickapic["caption"]
     streamed = load_preference_dataset(tmp_path / "rows.parquet", streaming=True)
     assert isinstance(streamed, datasets.IterableDataset)
     assert next(iter(streamed))["caption"] == synthetic_pickapic[0]["caption"]
@@ -101,5 +128,11 @@ def test_load_from_disk_parquet_and_streaming(tmp_path, synthetic_pickapic):
 
 def test_synthetic_rows_account_for_every_drop(synthetic_pickapic):
     pairs, report = to_preference_pairs(synthetic_pickapic)
-    assert report.rows_in == len(synthetic_pickapic) == report.rows_kept + sum(report.dropped.values())
-    assert len(pairs) == report.rows_kept > 0 and set(report.dropped) <= {"tie", "no_label", "identical_images"}
+    rows = synthetic_pickapic.to_pandas()
+    expected = {
+        "no_label": int((~rows["has_label"]).sum()),
+        "identical_images": int((rows["has_label"] & ~rows["are_different"]).sum()),
+        "tie": int((rows["has_label"] & rows["are_different"] & (rows["label_0"] == 0.5)).sum()),
+    }
+    assert report.dropped == {reason: count for reason, count in expected.items() if count}
+    assert len(pairs) == report.rows_kept == len(rows) - sum(expected.values()) > 0

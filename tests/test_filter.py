@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -7,12 +8,13 @@ import time
 
 import pandas as pd
 import pytest
-from datasets import load_dataset
+from datasets import load_dataset, load_from_disk
 from huggingface_hub import DatasetCard
 
 from fifa_hf.cli import main
 from fifa_hf.filter import FiFAConfig, FiFAFilter
 from fifa_hf.scoring.diversity import offline_minilm_path
+from fifa_hf.storage import StaleScoresError
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +28,46 @@ def source_dir(tmp_path_factory):
 
 def filter_args(source_dir, output_dir, tiny_clip_path, tiny_llm_path, *extra):
     return [
-        "filter", "--dataset", str(source_dir), "--output_dir", str(output_dir),
+        "filter", "--dataset_name", str(source_dir), "--output_dir", str(output_dir),
         "--reward_model", str(tiny_clip_path), "--quality_model", str(tiny_llm_path),
         "--embedding_model", offline_minilm_path(), "--k", "40", "--chunk_size", "64", *extra,
     ]  # fmt: skip
 
 
-def test_filter_cli_end_to_end_and_select_reproduces_it(source_dir, tmp_path, tiny_clip_path, tiny_llm_path, capsys):
+def synthetic_source(path, num_pairs=64, seed=1):
+    from fifa_hf.world.synthetic import make_synthetic_pickapic
+
+    make_synthetic_pickapic(num_pairs, seed=seed, image_size=16).save_to_disk(path)
+    return path
+
+
+def cheap_config(source, output_dir, **overrides):
+    """Precomputed (true) rewards ranked by margin, no LLM, no embeddings: the filter's bookkeeping, fast."""
+    values = dict(
+        dataset_name=str(source), output_dir=str(output_dir), reward_type="precomputed",
+        reward_columns="true_reward_0,true_reward_1", method="margin", alpha=0, gamma=0, chunk_size=16, k=10,
+    )  # fmt: skip
+    return FiFAConfig(**{**values, **overrides})
+
+
+def published_text(directory):
+    """Everything a push would publish, as one text (parquet and PNG bytes included)."""
+    from fifa_hf.hub import PUBLISHED_PATTERNS
+
+    files = {p for pattern in PUBLISHED_PATTERNS for p in directory.glob(pattern) if p.is_file()}
+    return "\n".join(p.read_bytes().decode("latin-1") for p in sorted(files))
+
+
+def test_filter_cli_end_to_end_and_select_reproduces_it(source_dir, tmp_path, tiny_clip_path, tiny_llm_path, capfd):
     out = tmp_path / "fifa"
     main(filter_args(source_dir, out, tiny_clip_path, tiny_llm_path, "--method", "fifa"))
-    assert "selected 40 of" in capsys.readouterr().out
+    captured = capfd.readouterr()
+    assert "selected 40 of" in captured.out
+    # One bar per long step, each with its total; no bars from internal maps, filters, lookups or loading.
+    assert re.search(r"Scoring preference margins: 100%\|[^|]*\| 400/400", captured.err)
+    assert "Scoring prompt quality (LLM)" in captured.err and "Embedding prompts" in captured.err
+    for noise in ("Map", "Filter", "Adding quality", "Adding diversity", "Loading weights", "Creating parquet"):
+        assert noise not in captured.err
 
     subset = load_dataset(str(out), split="train")
     assert len(subset) == 40
@@ -46,16 +78,19 @@ def test_filter_cli_end_to_end_and_select_reproduces_it(source_dir, tmp_path, ti
     assert subset["fifa_score"] == sorted(subset["fifa_score"], reverse=True)
 
     report = json.loads((out / "report.json").read_text())
-    assert report["rows_in"] == 400 == report["rows_kept"] + sum(report["dropped"].values())
+    assert report["rows_in"] == 400 and report["not_selected"] == {"below_cutoff": report["rows_kept"] - 40}
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 400 and "jpg_0" not in scores and "chosen" not in scores
     assert scores["selected"].sum() == 40
 
     card = DatasetCard.load(out / "README.md")
-    assert card.data.task_categories == ["text-to-image"]
-    assert card.data.source_datasets == [str(source_dir)] and card.data.size_categories == ["n<1K"]
+    assert card.data.task_categories == ["text-to-image"] and card.data.pretty_name == "FiFA subset of .../pickapic"
+    assert card.data.source_datasets == [".../pickapic"] and card.data.size_categories == ["n<1K"]
     assert "fifa" in card.data.tags and card.data.license == "unknown"
-    assert "alpha: 1.0" in card.text and "arXiv:2410.10166" in card.text and (out / "margin_histogram.png").exists()
+    assert "alpha * norm(quality)" in card.text and "arXiv:2410.10166" in card.text
+    assert "| not selected: below_cutoff |" in card.text and "(example_pairs.png)" in card.text
+    assert (out / "example_pairs.png").exists() and (out / "signal_histograms.png").exists()
+    assert str(tmp_path) not in published_text(out) and "<this repo>" not in card.text
 
     main(["select", "--scores", str(out), "--output_dir", str(tmp_path / "again")])
     again = load_dataset(str(tmp_path / "again"), split="train")
@@ -64,14 +99,28 @@ def test_filter_cli_end_to_end_and_select_reproduces_it(source_dir, tmp_path, ti
     main(["select", "--scores", str(out), "--output_dir", str(tmp_path / "qsd"), "--method", "qsd", "--k", "0.1"])
     qsd = json.loads((tmp_path / "qsd" / "report.json").read_text())
     assert qsd["selected"] == -(-report["rows_kept"] // 10) and qsd["rows_in"] == 400
-    assert "method: qsd" in (tmp_path / "qsd" / "README.md").read_text()
+    qsd_card = DatasetCard.load(tmp_path / "qsd" / "README.md")
+    assert "psi(chosen) * (1 - psi(rejected))" in qsd_card.text and "norm(quality)" not in qsd_card.text
+    assert qsd_card.data.pretty_name.startswith("QSD subset")
+
+    main(["select", "--scores", str(out), "--output_dir", str(tmp_path / "capped"), "--max_pairs_per_prompt", "1"])
+    capped = load_dataset(str(tmp_path / "capped"), split="train")
+    assert len(capped) == len(set(capped["caption"])) == report["unique_prompts"]  # one pair per prompt
 
 
 def test_yaml_config_and_bad_input(tmp_path, source_dir):
     path = tmp_path / "fifa.yaml"
-    path.write_text(f"dataset: {source_dir}\nalpha: 0.5\nmethod: margin\n")
+    path.write_text(f"dataset_name: {source_dir}\nalpha: 0.5\nmethod: margin\n")
     config = FiFAConfig.from_yaml(path, output_dir=str(tmp_path / "o"))
     assert (config.alpha, config.method, config.output_dir) == (0.5, "margin", str(tmp_path / "o"))
+    path.write_text("dataset: data/pickapic\nprivate: true\npush_to_hub: user/subset\n")  # an older fifa_config.yaml
+    old = FiFAConfig.from_yaml(path)
+    assert (old.dataset_name, old.hub_private_repo, old.push_to_hub, old.hub_model_id) == (
+        "data/pickapic",
+        True,
+        True,
+        "user/subset",
+    )
     path.write_text("aplha: 0.5\n")
     with pytest.raises(ValueError, match="aplha"):
         FiFAConfig.from_yaml(path)
@@ -81,48 +130,201 @@ def test_yaml_config_and_bad_input(tmp_path, source_dir):
         FiFAConfig(reward_type="precomputed")
 
 
+def test_every_help_works(capsys):
+    for command in ("filter", "select"):
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--help"])
+        assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dataset_name" in text and "--hub_private_repo" in text and "5.33 percent" in text
+    script = os.path.join(os.path.dirname(__file__), "..", "dataset_scripts", "pickapic_fifa.py")
+    process = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert process.returncode == 0 and "--quality_timeout" in process.stdout, process.stderr[-2000:]
+
+
 def test_missing_prompt_column_names_it(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}).save_to_disk(tmp_path / "bad")
-    config = FiFAConfig(dataset=str(tmp_path / "bad"), output_dir=str(tmp_path / "o"), alpha=0, gamma=0)
+    config = FiFAConfig(dataset_name=str(tmp_path / "bad"), output_dir=str(tmp_path / "o"), method="margin", alpha=0)
     with pytest.raises(ValueError, match="caption"):
         FiFAFilter(config, reward_model=object()).run()
 
 
-def test_push_to_hub_sends_the_subset_and_card(source_dir, tmp_path, tiny_clip_path, tiny_llm_path, monkeypatch):
-    from huggingface_hub import HfApi
+def test_without_network_the_filter_fails_before_any_work_naming_flag_model_and_fix(tmp_path, monkeypatch, capsys):
+    from fifa_hf.resolve import ResolutionError
 
-    sent = {}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = synthetic_source(tmp_path / "rows", 8)
+    out = tmp_path / "o"
+    with pytest.raises(ResolutionError) as error:
+        main(["filter", "--dataset_name", str(source), "--output_dir", str(out)])  # the default Hub models
+    message = str(error.value)
+    assert "--reward_model" in message and "yuvalkirstain/PickScore_v1" in message and "hf download" in message
+    assert not out.exists()  # nothing was scored
+    with pytest.raises(ResolutionError, match=r"--dataset_name: the local path .*nowhere.* does not exist"):
+        FiFAFilter(cheap_config(tmp_path / "nowhere", out)).run()
+    checkpoint = tmp_path / "hps_v2.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(ResolutionError, match="--reward_type open_clip --reward_model <architecture"):
+        FiFAFilter(FiFAConfig(reward_model=str(checkpoint), method="margin", output_dir=str(out)))
+
+
+def test_changed_rows_at_the_same_path_are_rescored_never_mixed(tmp_path, tiny_clip_path, caplog):
+    source, out = tmp_path / "rows", tmp_path / "out"
+    synthetic_source(source, 60, seed=1)  # parts of 16, 16, 16 and 12 rows
+    config = dict(reward_model=str(tiny_clip_path), reward_type="clip", reward_columns=None, k=60)
+    FiFAFilter(cheap_config(source, out, **config)).run()
+
+    import datasets
+
+    rows = datasets.load_from_disk(str(source)).to_pandas()
+    rows.loc[20:23, "caption"] = "a brand new prompt"  # rows 20-23 live in part 1 (rows 16-31)
+    flipped = rows.index[32:48][rows["label_0"][32:48] == 1.0][0]  # a label in part 2: chosen and rejected swap
+    rows.loc[flipped, "label_0"], rows.loc[flipped, "label_1"] = 0.0, 1.0
+    (source.parent / "rows-new").mkdir()
+    datasets.Dataset.from_pandas(rows, preserve_index=False).save_to_disk(source.parent / "rows-new")
+    os.rename(source, source.parent / "rows-old")
+    os.rename(source.parent / "rows-new", source)  # same path, new content
+
+    with caplog.at_level("WARNING", logger="fifa_hf"):
+        result = FiFAFilter(cheap_config(source, out, **config)).run()
+    assert (result.report.resumed_rows, result.report.rescored_rows) == (28, 32)  # parts 0 and 3 reused
+    assert "Rows 16-31 changed since they were scored" in caplog.text
+    assert "Rows 32-47 changed since they were scored" in caplog.text
+    fresh = FiFAFilter(cheap_config(source, tmp_path / "fresh", **config)).run()
+    pd.testing.assert_frame_equal(result.scores, fresh.scores)  # as if scored from scratch
+    selected = result.scores[result.scores["selected"]].sort_values("rank")
+    assert result.subset["caption"] == selected["prompt"].tolist()  # every row was scored on its own prompt
+
+
+def test_options_that_change_scores_are_refused_naming_them(tmp_path):
+    from fifa_hf.testing import save_tiny_clip
+
+    source, out, clip = synthetic_source(tmp_path / "rows", 32), tmp_path / "out", tmp_path / "clip"
+    save_tiny_clip(clip, seed=0)
+    config = dict(reward_model=str(clip), reward_type="clip", reward_columns=None)
+    FiFAFilter(cheap_config(source, out, **config)).run()
+    with pytest.raises(StaleScoresError, match=r"dtype: 'float32' -> 'bfloat16'.*delete"):
+        FiFAFilter(cheap_config(source, out, dtype="bfloat16", **config)).run()
+    save_tiny_clip(clip, seed=1)  # other weights at the same path
+    with pytest.raises(StaleScoresError, match=r"reward: 'clip:sha256:"):
+        FiFAFilter(cheap_config(source, out, **config)).run()
+
+
+def test_an_interrupted_rewrite_leaves_the_old_output_whole(tmp_path, monkeypatch):
+    import fifa_hf.hub
+    import fifa_hf.storage
+
+    source, out = synthetic_source(tmp_path / "rows", 64), tmp_path / "out"
+    FiFAFilter(cheap_config(source, out, k=30)).run()
+
+    def consistent(k):
+        report = json.loads((out / "report.json").read_text())
+        data = pd.read_parquet(out / "data" / "train-00000-of-00001.parquet")
+        config = FiFAConfig.from_yaml(out / "fifa_config.yaml")
+        return report["selected"] == len(data) == config.k == k and f"{k} of the" in (out / "README.md").read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill; tests/../benchmarks/filter_faults.py uses SIGKILL
+
+    monkeypatch.setattr(fifa_hf.hub, "dataset_card", killed)  # after the data, before the card
+    with pytest.raises(KeyboardInterrupt):
+        FiFAFilter(cheap_config(source, out, k=10)).run()
+    assert consistent(30) and not (out.parent / ".out.staging").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(fifa_hf.storage, "_exchange", killed)  # resume state already moved to the new output
+    with pytest.raises(KeyboardInterrupt):
+        FiFAFilter(cheap_config(source, out, k=10)).run()
+    assert consistent(30) and not (out / "scores_parts").exists()
+
+    monkeypatch.undo()
+    result = FiFAFilter(cheap_config(source, out, k=10)).run()  # recovers the parts, then writes whole
+    assert consistent(10) and result.report.resumed_rows == 64
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out", "rows"]
+
+
+def test_k_at_or_above_the_pool_warns_or_fails_when_strict(tmp_path, caplog):
+    source = synthetic_source(tmp_path / "rows", 32)
+    with caplog.at_level("WARNING", logger="fifa_hf"):
+        result = FiFAFilter(cheap_config(source, tmp_path / "o", k=100000)).run()
+    assert f"k=100000 keeps all {result.report.rows_kept} scored pairs" in caplog.text
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert f"All {result.report.rows_kept} scored preference pairs" in card and "most informative" not in card
+    with pytest.raises(ValueError, match="nothing is filtered out"):
+        FiFAFilter(cheap_config(source, tmp_path / "o2", k=100000, strict=True)).run()
+    FiFAFilter(cheap_config(source, tmp_path / "o3", k=None)).run()  # the default K, 5000, is above the pool too
+    assert "k = 5000 is at or above" in (tmp_path / "o3" / "README.md").read_text()
+
+
+def test_max_pairs_per_prompt_and_signed_margins_reach_the_filter(tmp_path):
+    source = synthetic_source(tmp_path / "rows", 64)
+    result = FiFAFilter(cheap_config(source, tmp_path / "o", max_pairs_per_prompt=1)).run()
+    chosen = result.scores[result.scores["selected"]]
+    assert chosen["prompt"].is_unique and len(chosen) == chosen["prompt"].nunique() == result.report.selected
+    assert result.report.not_selected["max_pairs_per_prompt"] > 0
+    scored = result.scores[result.scores["drop_reason"] == ""]
+    assert FiFAConfig().margin_mode == "signed"  # the default
+    assert (scored["margin"] < 0).any()  # pairs the reward disagrees with keep their sign
+    pd.testing.assert_series_equal(
+        scored["margin"], scored["reward_chosen"] - scored["reward_rejected"], check_names=False
+    )
+
+
+def test_push_to_hub_sends_the_subset_card_and_privacy(source_dir, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi, RepoUrl
+
+    sent = []
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: sent.update(repo=(repo_id, kw, self.token)))
+
+    def create_repo(self, repo_id, **kwargs):
+        sent.append(("create_repo", repo_id, kwargs, self.token))
+        return RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
 
     def create_commit(self, repo_id, operations, **kwargs):
-        sent["commit"] = (repo_id, kwargs["repo_type"], {op.path_in_repo: op.path_or_fileobj for op in operations})
-        return "https://huggingface.co/datasets/user/pickapic-fifa/commit/abc"
-
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    out = tmp_path / "fifa"
-    main(
-        filter_args(
-            source_dir, out, tiny_clip_path, tiny_llm_path, "--push_to_hub", "user/pickapic-fifa", "--gamma", "0"
+        sent.append(
+            ("create_commit", repo_id, kwargs["repo_type"], {op.path_in_repo: op.path_or_fileobj for op in operations})
         )
+        return f"https://huggingface.co/datasets/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "someone"})
+    source, out = synthetic_source(tmp_path / "rows", 32), tmp_path / "fifa"
+    main([
+        "filter", "--dataset_name", str(source), "--output_dir", str(out), "--reward_type", "precomputed",
+        "--reward_columns", "true_reward_0,true_reward_1", "--method", "margin", "--alpha", "0", "--k", "8",
+        "--push_to_hub", "--hub_model_id", "user/pickapic-fifa", "--hub_private_repo", "true",
+    ])  # fmt: skip
+    (_, repo_id, kwargs, token), (_, commit_repo, repo_type, files) = sent
+    assert (repo_id, kwargs["repo_type"], kwargs["private"], token) == (
+        "user/pickapic-fifa",
+        "dataset",
+        True,
+        "hf_secret_token",
     )
-    repo_id, kwargs, token = sent["repo"]
-    assert repo_id == "user/pickapic-fifa" and kwargs["repo_type"] == "dataset" and token == "hf_secret_token"
-    repo_id, repo_type, files = sent["commit"]
-    assert (repo_id, repo_type) == ("user/pickapic-fifa", "dataset")
+    assert (commit_repo, repo_type) == ("user/pickapic-fifa", "dataset")
     assert set(files) == {
         "README.md", "data/train-00000-of-00001.parquet", "scores.parquet", "fifa_config.yaml", "report.json",
-        "margin_histogram.png",
+        "signal_histograms.png", "example_pairs.png",
     }  # fmt: skip
     card = open(files["README.md"]).read()
-    assert card.startswith("---\nlicense: unknown") and "task_categories" in card
-    assert "hf_secret_token" not in (out / "fifa_config.yaml").read_text()
+    assert card.startswith("---\nlicense: unknown") and 'load_dataset("user/pickapic-fifa"' in card
+    assert "pushed to https://huggingface.co/datasets/user/pickapic-fifa" in capsys.readouterr().out
+    assert "hf_secret_token" not in published_text(out)
+
+    sent.clear()
+    main(["select", "--scores", str(out), "--output_dir", str(tmp_path / "qsd-subset"), "--method", "qsd",
+          "--push_to_hub", "true"])  # fmt: skip
+    (_, repo_id, kwargs, _), (_, _, _, files) = sent
+    assert (repo_id, kwargs["private"]) == ("someone/qsd-subset", None)  # TRL's default: the output dir's name
+    assert 'load_dataset("someone/qsd-subset"' in open(files["README.md"]).read()
+    assert "pushed to https://huggingface.co/datasets/someone/qsd-subset" in capsys.readouterr().out
 
 
 def test_killed_filter_resumes_without_rescoring_and_gives_the_same_subset(
-    source_dir, tmp_path, tiny_clip_path, tiny_llm_path
+    source_dir, tmp_path, tiny_clip_path, tiny_llm_path, capsys
 ):
     reference = tmp_path / "reference"
     main(filter_args(source_dir, reference, tiny_clip_path, tiny_llm_path, "--chunk_size", "16"))
@@ -144,7 +346,8 @@ def test_killed_filter_resumes_without_rescoring_and_gives_the_same_subset(
 
     main(args)
     report = json.loads((out / "report.json").read_text())
-    assert report["resumed_rows"] == 16 * len(parts_before)
+    assert (report["resumed_rows"], report["rescored_rows"]) == (16 * len(parts_before), 0)
+    assert f"margins of {16 * len(parts_before)} rows reused, 0 rescored" in capsys.readouterr().out
     assert all((out / "scores_parts" / name).stat().st_mtime_ns == mtime for name, mtime in parts_before.items())
     assert (
         load_dataset(str(out), split="train")["ranking_id"]
@@ -154,20 +357,25 @@ def test_killed_filter_resumes_without_rescoring_and_gives_the_same_subset(
     main(args)  # a finished run asks the LLM nothing again
     report = json.loads((out / "report.json").read_text())
     assert report["quality_scored"] == 0 and report["quality_cached"] == report["unique_prompts"]
+    assert report["resumed_rows"] == 400
 
 
 def test_pickapic_dataset_script_runs_the_same_pipeline_on_local_data(source_dir, tmp_path, tiny_clip_path):
     import runpy
 
     script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "dataset_scripts", "pickapic_fifa.py"))
-    config = script["main"]([
-        "--dataset", str(source_dir), "--streaming", "true", "--output_dir", str(tmp_path / "out"),
+    script["main"]([
+        "--dataset_name", str(source_dir), "--streaming", "true", "--output_dir", str(tmp_path / "out"),
         "--reward_model", str(tiny_clip_path), "--reward_processor", str(tiny_clip_path),
         "--quality_scorer", "heuristic", "--embedding_model", offline_minilm_path(), "--k", "25",
         "--dtype", "float32", "--device", "cpu",
     ])  # fmt: skip
-    assert config.streaming and config.reward_model == str(tiny_clip_path)
     streamed = load_dataset(str(tmp_path / "out"), split="train")
     assert len(streamed) == 25 and streamed["rank"] == list(range(25))
+    recorded = FiFAConfig.from_yaml(tmp_path / "out" / "fifa_config.yaml")
+    assert recorded.streaming and (recorded.chunk_size, recorded.batch_size, recorded.split) == (16384, 128, "train")
+    from fifa_hf.data import to_preference_pairs
+
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["rows_in"] == 400 == report["rows_kept"] + sum(report["dropped"].values())
+    _, map_style = to_preference_pairs(load_from_disk(str(source_dir)))
+    assert report["rows_in"] == 400 and report["steps"][0]["dropped"] == map_style.dropped  # streaming: same rows

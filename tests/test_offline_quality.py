@@ -8,6 +8,7 @@ from scipy.stats import mannwhitneyu
 
 from fifa_hf.filter import FiFAConfig
 from fifa_hf.scoring import OfflineQualityScorer
+from fifa_hf.scoring.builders import ResolvedModels, build_quality_scorer
 from fifa_hf.scoring.offline_quality import (
     HARM_DESCRIPTIONS,
     bundled_reference_prompts,
@@ -79,7 +80,8 @@ def test_shipped_reference_embeddings_are_the_packaged_models(scorer):
 
 
 def test_is_the_offline_choice_of_the_filter_and_pickles_without_its_model(scorer):
-    built = FiFAConfig(quality_scorer="offline", method="setwise", alpha=0).build_quality_scorer()
+    config = FiFAConfig(quality_scorer="offline", method="setwise", alpha=0)
+    built = build_quality_scorer(config, ResolvedModels())
     assert isinstance(built, OfflineQualityScorer) and built.identity == scorer.identity
     scorer.evidence(["a red fox in the snow"])
     copy = pickle.loads(pickle.dumps(scorer))

@@ -5,8 +5,10 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import torch
 
 from fifa_hf.scoring import EndpointQualityScorer, HeuristicQualityScorer, ScoreCache, TransformersQualityScorer
 from fifa_hf.scoring.quality import parse_score
@@ -25,6 +27,39 @@ def test_llm_scores_are_in_unit_interval_and_independent_of_batch_size(tiny_llm_
     assert len(set(round(v, 6) for v in batched.values())) > 1  # continuous, prompt-dependent
 
 
+def test_llm_score_is_the_expected_digit_of_the_models_first_answer_token(tiny_llm_path):
+    """The score reads the distribution of the token the model would generate first, as ``generate`` does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scorer = TransformersQualityScorer(str(tiny_llm_path), device="cpu", batch_size=5)
+    scores = scorer(PROMPTS).scores
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_llm_path),
+        AutoTokenizer.from_pretrained(tiny_llm_path),
+    )
+    digits = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(10)]
+    for prompt in PROMPTS:
+        chat = [{"role": "user", "content": scorer.rubric.format(prompt=prompt)}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        first = model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        probabilities = first.scores[0][0, digits].softmax(-1)
+        assert scores[prompt] == pytest.approx(float((probabilities * torch.arange(10)).sum() / 9), abs=1e-5)
+
+
+def test_a_model_without_an_opinion_scores_the_middle_of_the_scale(tiny_llm_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_path)
+    torch.nn.init.zeros_(model.lm_head.weight)  # every token equally likely: the expected digit is 4.5 of 9
+    model.save_pretrained(tmp_path / "indifferent")
+    AutoTokenizer.from_pretrained(tiny_llm_path).save_pretrained(tmp_path / "indifferent")
+    scores = TransformersQualityScorer(str(tmp_path / "indifferent"), device="cpu")(PROMPTS).scores
+    assert list(scores.values()) == pytest.approx([0.5] * len(PROMPTS))
+
+
 def test_each_unique_prompt_is_scored_once_and_cached(tiny_llm_path, tmp_path):
     cache = ScoreCache(tmp_path / "quality.sqlite")
     scorer = TransformersQualityScorer(str(tiny_llm_path), device="cpu")
@@ -35,6 +70,18 @@ def test_each_unique_prompt_is_scored_once_and_cached(tiny_llm_path, tmp_path):
     assert second.scores["a cat"] == pytest.approx(first.scores["a cat"])
     other_rubric = TransformersQualityScorer(str(tiny_llm_path), rubric="Rate: {prompt}", device="cpu")
     assert other_rubric(PROMPTS, cache=cache).num_cached == 0  # the cache is keyed by scorer identity
+    with pytest.raises(ValueError, match="not failures"):
+        cache.put_many(scorer.identity, {"a failed prompt": math.nan})
+
+
+def test_the_cache_is_keyed_by_the_weights_not_the_path(tmp_path):
+    from fifa_hf.testing import save_tiny_llm
+
+    path, cache = save_tiny_llm(tmp_path / "judge", seed=0), ScoreCache(tmp_path / "quality.sqlite")
+    first = TransformersQualityScorer(str(path), device="cpu")(PROMPTS, cache=cache)
+    save_tiny_llm(path, seed=1)  # new weights at the same path
+    second = TransformersQualityScorer(str(path), device="cpu")(PROMPTS, cache=cache)
+    assert second.num_cached == 0 and second.scores != first.scores
 
 
 def test_heuristic_fallback_ranks_junk_and_blocked_prompts_low():
@@ -43,19 +90,27 @@ def test_heuristic_fallback_ranks_junk_and_blocked_prompts_low():
     assert scores["asdf asdf"] < 0.5 and scores["!!!"] == 0.0 and scores["a nude woman, nsfw"] == 0.0
 
 
-def test_parse_score():
-    assert parse_score("7") == pytest.approx(7 / 9)
-    assert parse_score("Score: 9/9") == 1.0
-    assert parse_score("I'd say 4.5.") == pytest.approx(0.5)
-    assert parse_score("10 out of 10") is None and parse_score("no idea") is None
+@pytest.mark.parametrize(
+    "answer, score",
+    [
+        ("7", 7 / 9), (" 9\n", 1.0), ("0", 0.0), ("4.", 4 / 9),
+        ("Sure! Here are 3 thoughts about it.", None), ("As an AI, I rate prompts on a 0 to 9 scale.", None),
+        ("Score: 9/9", None), ("4.5", None), ("10", None), ("7 out of 9", None), ("", None), (None, None),
+    ],
+)  # fmt: skip
+def test_only_the_requested_digit_is_a_score(answer, score):
+    assert parse_score(answer) == (pytest.approx(score) if score is not None else None)
 
 
 class FaultyChatServer:
     """A real OpenAI-compatible chat endpoint on loopback that injects faults by prompt content."""
 
+    ANSWERS = {"garbage": "Sure! Here are 3 thoughts on this prompt.", "disclaimer": "As an AI, I rate prompts on a 0 to 9 scale."}  # fmt: skip
+
     def __init__(self):
         self.requests: Counter[str] = Counter()
         self.authorization: set[str] = set()
+        self.paths: set[str] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,11 +122,14 @@ class FaultyChatServer:
                 prompt = body["messages"][-1]["content"].rsplit("Prompt: ", 1)[-1]
                 server.requests[prompt] += 1
                 server.authorization.add(self.headers.get("Authorization", ""))
+                server.paths.add(self.path)
                 if "flaky" in prompt and server.requests[prompt] <= 2:
                     return self._reply(500, {"error": "boom"})
+                if "malformed" in prompt:
+                    return self._reply(200, "{not json")
                 if "slow" in prompt:
                     time.sleep(0.6)
-                answer = "hmm, hard to say" if "garbage" in prompt else "7"
+                answer = next((text for key, text in server.ANSWERS.items() if key in prompt), "7")
                 self._reply(200, {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model") or "m",
                     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
@@ -79,7 +137,7 @@ class FaultyChatServer:
                 })  # fmt: skip
 
             def _reply(self, status, payload):
-                data = json.dumps(payload).encode()
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -116,19 +174,29 @@ def test_endpoint_retries_faults_and_never_makes_up_a_score(chat_server, tmp_pat
         concurrency=4,
     )
     cache = ScoreCache(tmp_path / "cache.sqlite")
-    prompts = ["a good prompt", "a flaky prompt", "a slow prompt", "a garbage prompt", "a good prompt"]
+    prompts = [
+        "a good prompt", "a flaky prompt", "a slow prompt", "a garbage prompt", "a disclaimer prompt",
+        "a malformed prompt", "a good prompt",
+    ]  # fmt: skip
     with caplog.at_level(logging.DEBUG):
         result = scorer(prompts, cache=cache)
 
     assert result.scores["a good prompt"] == pytest.approx(7 / 9), result.errors
     assert result.scores["a flaky prompt"] == pytest.approx(7 / 9)  # two HTTP 500s, then success
     assert chat_server.requests["a flaky prompt"] == 3 and chat_server.requests["a good prompt"] == 1
-    assert math.isnan(result.scores["a slow prompt"]) and "failed after 3 attempts" in result.errors["a slow prompt"]
-    assert math.isnan(result.scores["a garbage prompt"]) and "unparseable" in result.errors["a garbage prompt"]
-    assert chat_server.requests["a garbage prompt"] == 3
+    assert math.isnan(result.scores["a slow prompt"])
+    assert (
+        result.errors["a slow prompt"].startswith("request_failed: ReadTimeout")
+        and "(3 attempts)" in result.errors["a slow prompt"]
+    )
+    for free_text in ("a garbage prompt", "a disclaimer prompt"):  # digits in free text are not a score
+        assert math.isnan(result.scores[free_text]) and result.errors[free_text].startswith("unparseable_answer: ")
+        assert chat_server.requests[free_text] == 3
+    assert result.errors["a malformed prompt"].startswith("request_failed: JSONDecodeError")
     assert chat_server.authorization == {"Bearer secret-key-123"}
     assert "secret-key-123" not in caplog.text and "secret-key-123" not in repr(scorer)
     assert "secret-key-123" not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")
+    assert len(cache) == 2  # the two scored prompts; failures are never cached
 
     before = chat_server.requests.copy()
     again = scorer(prompts, cache=cache)
@@ -136,3 +204,30 @@ def test_endpoint_retries_faults_and_never_makes_up_a_score(chat_server, tmp_pat
     assert chat_server.requests["a good prompt"] == before["a good prompt"]
     assert chat_server.requests["a flaky prompt"] == before["a flaky prompt"]
     assert chat_server.requests["a garbage prompt"] > before["a garbage prompt"]  # failures are asked again
+
+
+def test_no_secret_of_the_endpoint_url_reaches_any_output(chat_server, tmp_path, caplog):
+    from fifa_hf.filter import FiFAConfig, FiFAFilter
+    from fifa_hf.world.synthetic import make_synthetic_pickapic
+
+    make_synthetic_pickapic(40, seed=2, image_size=16).save_to_disk(tmp_path / "rows")
+    host = chat_server.url.split("//")[1]
+    url = f"http://alice:pa55word-XYZ@{host}?api-key=KEY-0123456789&api-version=2024-06-01"
+    config = FiFAConfig(
+        dataset_name=str(tmp_path / "rows"), output_dir=str(tmp_path / "out"), reward_type="precomputed",
+        reward_columns="true_reward_0,true_reward_1", gamma=0, k=5, quality_scorer="endpoint",
+        quality_endpoint=url, quality_model="judge", quality_timeout=0.3, quality_max_retries=0,
+    )  # fmt: skip
+    with caplog.at_level(logging.DEBUG, logger="httpx"), caplog.at_level(logging.DEBUG, logger="fifa_hf"):
+        result = FiFAFilter(config).run()
+    assert chat_server.paths == {"/v1/chat/completions?api-key=KEY-0123456789&api-version=2024-06-01"}
+    assert result.report.quality_scored > 0 and not result.scores["quality_error"].fillna("").str.len().any()
+    scorer = EndpointQualityScorer(url, "judge", max_retries=0)
+    error = scorer(["a flaky prompt"]).errors["a flaky prompt"]  # httpx's text of an HTTP 500 holds the URL
+    assert (
+        error.startswith("request_failed: HTTPStatusError") and "127.0.0.1" in error and "/chat/completions" in error
+    )
+    written = [p.read_bytes().decode("latin-1") for p in Path(tmp_path / "out").rglob("*") if p.is_file()]
+    for text in (*written, caplog.text, error, repr(scorer), scorer.identity):
+        assert "pa55word-XYZ" not in text and "KEY-0123456789" not in text and "alice" not in text
+    assert "api-version=2024-06-01" in (tmp_path / "out" / "fifa_config.yaml").read_text()

@@ -8,6 +8,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from fifa_hf.data import to_preference_pairs
+from fifa_hf.images import ImageDecodeError
 from fifa_hf.scoring import CLIPRewardModel, MarginScorer, PrecomputedReward
 from fifa_hf.scoring.images import CLIPImageTransform, decode_image
 
@@ -60,12 +61,13 @@ def pickapic(label_0):
 
 
 def test_margin_sign_follows_the_label(tiny_clip_path):
-    scorer = MarginScorer(CLIPRewardModel(str(tiny_clip_path), device="cpu"))
-    agree = pickapic([1.0, 0.0]).map(scorer, batched=True)
-    assert agree[0]["margin"] == pytest.approx(-agree[1]["margin"], abs=1e-5)
-    assert agree[0]["margin"] == pytest.approx(agree[0]["reward_chosen"] - agree[0]["reward_rejected"])
-    absolute = pickapic([1.0, 0.0]).map(MarginScorer(scorer.reward_model, absolute=True), batched=True)
-    assert absolute["margin"] == pytest.approx([abs(agree[0]["margin"])] * 2, abs=1e-5)
+    reward = CLIPRewardModel(str(tiny_clip_path), device="cpu")
+    red, blue = reward.score(["a red square"] * 2, [decode_image(jpeg("red")), decode_image(jpeg("blue"))])
+    scored = pickapic([1.0, 0.0]).map(MarginScorer(reward), batched=True)  # row 0 prefers jpg_0 (red), row 1 jpg_1
+    assert scored["reward_chosen"] == pytest.approx([red, blue], abs=1e-5)
+    assert scored["margin"] == pytest.approx([red - blue, blue - red], abs=1e-5)
+    absolute = pickapic([1.0, 0.0]).map(MarginScorer(reward, absolute=True), batched=True)
+    assert absolute["margin"] == pytest.approx([abs(red - blue)] * 2, abs=1e-5)
 
 
 def test_corrupt_image_gives_nan_and_reason_while_the_rest_is_scored(tiny_clip_path):
@@ -104,6 +106,64 @@ def test_draft_mode_decodes_jpeg_at_reduced_size():
     assert decode_image(data, min_size=64).size == (64, 64)
 
 
+def encoded(image: Image.Image, format="PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **kwargs)
+    return buffer.getvalue()
+
+
+def png_16bit(values: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey or RGB) written by hand: PIL writes 16-bit grey only, and reads it as mode I;16."""
+    import struct
+    import zlib
+
+    height, width = values.shape[:2]
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if values.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_16_bit_pngs_score_like_their_8_bit_versions(tiny_clip_path):
+    rng = np.random.default_rng(0)
+    grey, colour = rng.integers(0, 256, (40, 48), dtype=np.uint8), rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    eight = [encoded(Image.fromarray(grey)), encoded(Image.fromarray(colour))]
+    sixteen = [png_16bit(grey.astype(np.uint16) * 257), png_16bit(colour.astype(np.uint16) * 257)]
+    assert Image.open(io.BytesIO(sixteen[0])).mode == "I;16"  # what PIL's convert("RGB") turns white
+    pairs = datasets.Dataset.from_dict({"prompt": ["a", "b"], "chosen": eight, "rejected": eight[::-1]})
+    pairs_16 = datasets.Dataset.from_dict({"prompt": ["a", "b"], "chosen": sixteen, "rejected": sixteen[::-1]})
+    scorer = MarginScorer(CLIPRewardModel(str(tiny_clip_path), device="cpu"))
+    assert pairs_16.map(scorer, batched=True)["margin"] == pytest.approx(pairs.map(scorer, batched=True)["margin"])
+
+
+def test_decoding_applies_exif_orientation_reduces_every_format_and_refuses_bombs():
+    image = Image.new("RGB", (60, 40), "red")
+    image.paste((0, 0, 255), (0, 0, 10, 10))  # a blue corner, top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    for format in ("JPEG", "PNG"):
+        upright = decode_image(encoded(image, format, exif=exif.tobytes()))
+        assert upright.size == (40, 60) and upright.getpixel((37, 2))[2] > 200  # the blue corner, now top right
+    big = encoded(Image.new("RGB", (1200, 900), "green"))
+    assert decode_image(big, min_size=224).size == (300, 225)  # reduced right after decoding, sides >= 224
+    transparent = decode_image(encoded(Image.new("RGBA", (8, 8), (0, 0, 0, 0))))
+    assert transparent.mode == "RGB" and transparent.getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ImageDecodeError, match="image_too_large: 1200x900 pixels") as error:
+        decode_image(big, max_pixels=1_000_000)
+    assert error.value.reason == "image_too_large"
+
+
+def test_undecodable_and_oversized_images_are_marked_with_their_reason(tiny_clip_path):
+    huge, fine = encoded(Image.new("RGB", (200, 200), "red")), jpeg("blue")
+    pairs = datasets.Dataset.from_dict({"prompt": ["a", "b"], "chosen": [huge, fine], "rejected": [fine, b"junk"]})
+    scorer = MarginScorer(CLIPRewardModel(str(tiny_clip_path), device="cpu"), max_pixels=100 * 100)
+    scored = pairs.map(scorer, batched=True)
+    assert [error.split(":")[0] for error in scored["margin_error"]] == ["image_too_large", "undecodable_image"]
+
+
 def test_map_function_is_picklable_and_drops_loaded_weights(tiny_clip_path):
     import pickle
 
@@ -111,3 +171,42 @@ def test_map_function_is_picklable_and_drops_loaded_weights(tiny_clip_path):
     reward.score(["a"], [Image.new("RGB", (8, 8))])
     clone = pickle.loads(pickle.dumps(MarginScorer(reward)))
     assert clone.reward_model._loaded is None and reward._loaded is not None
+
+
+def test_reward_specs_build_each_backend():
+    from fifa_hf.scoring.rewards import OpenCLIPRewardModel, load_reward_model
+    from fifa_hf.world.true_reward import SyntheticTrueReward
+
+    pickscore = load_reward_model("pickscore", device="cpu")
+    assert (pickscore.model_name_or_path, pickscore.processor_name_or_path, pickscore.name) == (
+        "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "pickscore",
+    )  # fmt: skip
+    open_clip = load_reward_model("open_clip:ViT-B-32:/models/b32.pt", device="cpu", dtype="float16")
+    assert isinstance(open_clip, OpenCLIPRewardModel)
+    assert (open_clip.model_name, open_clip.pretrained, open_clip.dtype) == ("ViT-B-32", "/models/b32.pt", "float16")
+    assert load_reward_model("open_clip:local-dir:/models/hps").model_name == "local-dir:/models/hps"
+    hps = load_reward_model("hpsv2:/models/HPS_v2_compressed.pt")
+    assert (hps.model_name, hps.pretrained, hps.name) == ("ViT-H-14", "/models/HPS_v2_compressed.pt", "hpsv2")
+    assert isinstance(load_reward_model("synthetic"), SyntheticTrueReward)  # registered as an entry point
+    with pytest.raises(ValueError, match=r"Unknown reward 'clip'.*synthetic"):
+        load_reward_model("clip")
+
+
+def test_add_signals_adds_the_three_signals_as_the_readme_shows(tiny_clip_path, tmp_path, synthetic_pickapic):
+    from fifa_hf.scoring import HeuristicQualityScorer, ScoreCache, add_signals
+
+    pairs, _ = to_preference_pairs(synthetic_pickapic.select(range(40)))
+    reward = CLIPRewardModel(str(tiny_clip_path), device="cpu")
+    scored, stats = add_signals(
+        pairs,
+        reward,
+        HeuristicQualityScorer(),
+        reward.embed_text,  # any prompt -> vector function embeds for diversity (PromptEmbedder by default)
+        cache=ScoreCache(tmp_path / "quality.sqlite"),
+    )
+    assert {"reward_chosen", "reward_rejected", "margin", "quality", "diversity", "quality_error"} <= set(
+        scored.column_names
+    )
+    assert stats.unique_prompts == len(set(pairs["prompt"])) and stats.quality_scored == stats.unique_prompts
+    assert np.allclose(scored["margin"], np.subtract(scored["reward_chosen"], scored["reward_rejected"]))
+    assert np.isfinite(scored["diversity"]).all() and stats.skipped == []

@@ -1,12 +1,13 @@
 """A persistent prompt-score cache, so a re-run or an interrupted run never asks again.
 
-One SQLite file keyed by (scorer identity, SHA-256 of the prompt). Only successful scores are
-stored; a prompt that failed is asked again on the next run.
+One SQLite file keyed by (scorer identity, SHA-256 of the prompt). Only successful (finite) scores
+are stored, and ``put_many`` refuses anything else; a prompt that failed is asked again on the next run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,9 @@ class ScoreCache:
         return found
 
     def put_many(self, scorer: str, scores: dict[str, float]) -> None:
+        failed = [prompt for prompt, score in scores.items() if not math.isfinite(score)]
+        if failed:
+            raise ValueError(f"Only scores can be cached, not failures: {len(failed)} non-finite, e.g. {failed[0]!r}.")
         rows = [(scorer, prompt_hash(p), float(s)) for p, s in scores.items()]
         with self._lock, self._connect() as connection:
             connection.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?)", rows)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fifa_hf.scoring.lazy import LazyLoaded
 
@@ -21,7 +22,7 @@ DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class PromptEmbedder(LazyLoaded):
-    """L2-normalized sentence-transformers embeddings, each unique prompt encoded once."""
+    """L2-normalized sentence-transformers embeddings, each unique prompt encoded once, with one bar."""
 
     def __init__(
         self, model_name_or_path: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None, batch_size: int = 256
@@ -34,9 +35,23 @@ class PromptEmbedder(LazyLoaded):
         return _sentence_transformer(self.model_name_or_path, self.device)
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        embeddings = self.loaded.encode(
-            list(prompts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
+        prompts = list(prompts)
+        step = 16 * self.batch_size
+        parts = []
+        with tqdm(total=len(prompts), desc="Embedding prompts", unit="prompts", disable=not prompts) as bar:
+            for start in range(0, len(prompts), step):
+                batch = prompts[start : start + step]
+                parts.append(
+                    self.loaded.encode(
+                        batch,
+                        batch_size=self.batch_size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    )
+                )
+                bar.update(len(batch))
+        embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
         return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
@@ -101,6 +116,10 @@ def knn_search(
     faiss.cvar.distance_compute_blas_threshold = 16
     index = _build_index(embeddings, exact, nprobe, seed)
     distances, ids = np.empty((n, k), dtype=np.float64), np.empty((n, k), dtype=np.int64)
+    # One query batch is quick: a bar would be noise.
+    bar = tqdm(
+        total=n, desc=f"k-NN search ({'exact' if exact else 'IVF'})", unit="prompts", disable=n <= query_batch_size
+    )
     for start in range(0, n, query_batch_size):
         queries = embeddings[start : start + query_batch_size]
         found_distances, found_ids = index.search(queries, k + 1)
@@ -110,6 +129,8 @@ def knn_search(
         stop = start + len(queries)
         distances[start:stop] = np.sqrt(np.maximum(found_distances[~own].reshape(-1, k), 0.0))
         ids[start:stop] = found_ids[~own].reshape(-1, k)
+        bar.update(len(queries))
+    bar.close()
     return distances, ids
 
 

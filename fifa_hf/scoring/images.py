@@ -1,8 +1,7 @@
-"""Image decoding and CLIP preprocessing for reward models, sized to what the model needs."""
+"""CLIP preprocessing for reward models, batched; decoding lives in ``fifa_hf.images`` (shared with the trainer)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,18 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fifa_hf.images import decode_image
 
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Decode encoded image bytes to RGB.
-
-    With ``min_size``, JPEGs are decoded in PIL's draft mode: the decoder scales by 1/2, 1/4 or 1/8
-    while both sides stay at least ``min_size``, which skips most of the IDCT work for a 512 px
-    Pick-a-Pic image scored at 224 px.
-    """
-    image = Image.open(io.BytesIO(data))
-    if min_size is not None and image.format == "JPEG":
-        image.draft("RGB", (min_size, min_size))
-    return image.convert("RGB")
+__all__ = ["CLIPImageTransform", "decode_image"]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fifa_hf.progress import quiet_loading
+
 
 class LazyLoaded:
     """``loaded`` calls ``_load()`` once; pickling keeps the settings and drops what was loaded."""
@@ -20,7 +22,8 @@ class LazyLoaded:
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
-            self._loaded = self._load()
+            with quiet_loading(("transformers",)):
+                self._loaded = self._load()
         return self._loaded
 
     def _load(self) -> Any:

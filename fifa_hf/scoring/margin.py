@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from fifa_hf.scoring.images import decode_image
+from fifa_hf.images import MAX_PIXELS, ImageDecodeError, decode_image
 from fifa_hf.scoring.rewards import PrecomputedReward, RewardModel
 
 MARGIN_COLUMNS = ("reward_chosen", "reward_rejected", "margin", "margin_error")
@@ -23,13 +23,22 @@ class MarginScorer:
 
     Pairs must be canonical (``prompt``, ``chosen``, ``rejected`` bytes), so the margin's sign follows
     the human label: positive when the reward model agrees with the human. ``absolute=True`` keeps
-    ``|margin|`` instead. An image that fails to decode gives NaN rewards and a reason, never a crash.
+    ``|margin|`` instead. An image that fails to decode (or is a decompression bomb) gives NaN rewards
+    and the reason (``undecodable_image: ...``, ``image_too_large: ...`` above ``max_pixels``), never a crash. ``draft``
+    decodes each image only as large as the reward model's input (see ``fifa_hf.images``).
     """
 
-    def __init__(self, reward_model: RewardModel | PrecomputedReward, absolute: bool = False, draft: bool = True):
+    def __init__(
+        self,
+        reward_model: RewardModel | PrecomputedReward,
+        absolute: bool = False,
+        draft: bool = True,
+        max_pixels: int | None = MAX_PIXELS,
+    ):
         self.reward_model = reward_model
         self.absolute = absolute
         self.draft = draft
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
         n = len(batch["prompt"])
@@ -57,9 +66,9 @@ class MarginScorer:
         prompts, images, rows, errors = [], [], [], [""] * n
         for i in range(n):
             try:
-                pair = [decode_image(batch[column][i], size) for column in ("chosen", "rejected")]
-            except Exception as error:  # any decoder failure marks the row, the batch goes on
-                errors[i] = f"undecodable_image: {type(error).__name__}: {error}"[:200]
+                pair = [decode_image(batch[column][i], size, self.max_pixels) for column in ("chosen", "rejected")]
+            except ImageDecodeError as error:  # the row is marked with the reason, the batch goes on
+                errors[i] = str(error)
                 continue
             prompts += [batch["prompt"][i]] * 2
             images += pair

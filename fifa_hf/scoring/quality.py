@@ -2,13 +2,16 @@
 
 The LLM reads one rubric (``QUALITY_RUBRIC``, the single place it is defined; pass ``rubric=`` to
 override) and answers a digit on a 0-9 scale. Quality is computed once per unique prompt and kept
-in a ``ScoreCache``, so re-runs and interrupted runs never ask again for a scored prompt.
+in a ``ScoreCache`` keyed by the scorer's identity (model weights, dtype, rubric), so re-runs and
+interrupted runs never ask again for a scored prompt. A prompt that could not be scored gets NaN and
+a reason (``unparseable_answer``, ``request_failed``), is never cached and is asked again next run.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import math
 import os
 import re
@@ -20,11 +23,16 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from fifa_hf.redact import redact_text, redact_url
 from fifa_hf.scoring.cache import ScoreCache
 from fifa_hf.scoring.lazy import LazyLoaded
+from fifa_hf.storage import model_identity
 
 SCALE_MAX = 9
+UNPARSEABLE_ANSWER = "unparseable_answer"
+REQUEST_FAILED = "request_failed"
 QUALITY_RUBRIC = """You judge prompts written for a text-to-image model.
 Rate the prompt below from 0 (worst) to 9 (best), considering:
 - clarity and specificity: could an artist tell what to draw?
@@ -49,6 +57,7 @@ class QualityScorer(abc.ABC):
     """Scores prompts into [0, 1]; ``identity`` keys the persistent cache."""
 
     batch_size: int = 32
+    progress: str | None = None  # the progress bar's description; None: too cheap for a bar
 
     @property
     @abc.abstractmethod
@@ -66,18 +75,21 @@ class QualityScorer(abc.ABC):
             result.scores.update(cache.get_many(self.identity, unique))
             result.num_cached = len(result.scores)
         missing = [p for p in unique if p not in result.scores]
+        bar = tqdm(total=len(missing), desc=self.progress, unit="prompts", disable=not (self.progress and missing))
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start : start + self.batch_size]
             fresh = {}
             for prompt, (score, reason) in zip(batch, self.score_batch(batch)):
                 result.scores[prompt] = score
-                if math.isnan(score):
-                    result.errors[prompt] = reason
-                else:
+                if math.isfinite(score):
                     fresh[prompt] = score
+                else:
+                    result.errors[prompt] = reason
             result.num_scored += len(batch)
             if cache is not None and fresh:
                 cache.put_many(self.identity, fresh)
+            bar.update(len(batch))
+        bar.close()
         return result
 
 
@@ -91,6 +103,8 @@ class TransformersQualityScorer(LazyLoaded, QualityScorer):
     One batched forward pass per batch, no sampling: deterministic, continuous and much cheaper than
     generating. Right padding keeps every prompt's logits independent of the batch it is in.
     """
+
+    progress = "Scoring prompt quality (LLM)"
 
     def __init__(
         self,
@@ -107,10 +121,15 @@ class TransformersQualityScorer(LazyLoaded, QualityScorer):
         self.dtype = dtype
         self.batch_size = batch_size
         self.trust_remote_code = trust_remote_code
+        self._identity: str | None = None
 
     @property
     def identity(self) -> str:
-        return f"transformers:{self.model_name_or_path}:{_digest(self.rubric)}"
+        """The weights (Hub commit or digest of the local files), dtype and rubric the scores come from."""
+        if self._identity is None:
+            weights = model_identity(self.model_name_or_path, hub_file="config.json")
+            self._identity = f"transformers:{weights}:{self.dtype}:{_digest(self.rubric)}"
+        return self._identity
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,28 +164,41 @@ class TransformersQualityScorer(LazyLoaded, QualityScorer):
         return [(float(score), "") for score in expected.cpu()]
 
 
-_NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?!\.?\d)")
+_ANSWER = re.compile(r"\s*(\d)\.?\s*")
 
 
-def parse_score(text: str) -> float | None:
-    """The first number in ``text`` on the 0-9 scale, mapped to [0, 1]; None when there is none."""
-    for match in _NUMBER.finditer(text or ""):
-        value = float(match.group(1))
-        if 0 <= value <= SCALE_MAX:
-            return value / SCALE_MAX
-    return None
+def parse_score(text: str | None) -> float | None:
+    """The answer mapped to [0, 1] when it is exactly the requested digit (whitespace and a trailing
+    period tolerated), else None: free text is never read as a score."""
+    match = _ANSWER.fullmatch(text or "")
+    return int(match.group(1)) / SCALE_MAX if match else None
+
+
+class _RedactedURLs(logging.Filter):
+    """Redacts the URLs in httpx's request log lines, which carry the full URL (query secrets included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_text(record.getMessage()), ()
+        return True
+
+
+_HTTPX_LOG_FILTER = _RedactedURLs()
 
 
 class EndpointQualityScorer(QualityScorer):
     """An OpenAI-compatible chat endpoint (vLLM, TGI, OpenAI): ``POST {base_url}/chat/completions``.
 
-    Requests run concurrently up to ``concurrency``; each has a ``timeout`` and is retried
+    Requests run concurrently up to ``concurrency``; each has a ``timeout`` (seconds) and is retried
     ``max_retries`` times with exponential backoff on errors and unparseable answers. After the last
-    try the prompt gets NaN and the reason, never a made-up score. The API key is read from the
-    environment variable ``api_key_env`` at call time and never stored or logged. Plain httpx is
-    used rather than ``huggingface_hub.InferenceClient``, which refuses every request (a local vLLM
-    included) when ``HF_HUB_OFFLINE=1``, as it often is on training clusters.
+    try the prompt gets NaN and the reason (``unparseable_answer`` or ``request_failed``), never a
+    made-up score. The API key is read from the environment variable ``api_key_env`` at call time and
+    never stored or logged; credentials in ``base_url`` (user info, ``api-key=`` parameters) are sent
+    but redacted from the cache key, reprs and error texts. Plain httpx is used rather than
+    ``huggingface_hub.InferenceClient``, which refuses every request (a local vLLM included) when
+    ``HF_HUB_OFFLINE=1``, as it often is on training clusters.
     """
+
+    progress = "Scoring prompt quality (endpoint)"
 
     def __init__(
         self,
@@ -185,13 +217,20 @@ class EndpointQualityScorer(QualityScorer):
         self.concurrency, self.timeout = concurrency, timeout
         self.max_retries, self.backoff = max_retries, backoff
         self.batch_size = batch_size
+        logging.getLogger("httpx").addFilter(_HTTPX_LOG_FILTER)  # once: a filter is added only if absent
 
     def __repr__(self) -> str:
-        return f"EndpointQualityScorer(base_url={self.base_url!r}, model={self.model!r})"
+        return f"EndpointQualityScorer(base_url={redact_url(self.base_url)!r}, model={self.model!r})"
 
     @property
     def identity(self) -> str:
-        return f"endpoint:{self.base_url}:{self.model}:{_digest(self.rubric)}"
+        return f"endpoint:{redact_url(self.base_url)}:{self.model}:{_digest(self.rubric)}"
+
+    @property
+    def completions_url(self) -> httpx.URL:
+        """``{base_url}/chat/completions``, keeping the base URL's query (``?api-version=...``)."""
+        url = httpx.URL(self.base_url)
+        return url.copy_with(path=url.path.rstrip("/") + "/chat/completions")
 
     def _ask(self, client: httpx.Client, prompt: str) -> tuple[float, str]:
         request = {
@@ -205,17 +244,18 @@ class EndpointQualityScorer(QualityScorer):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                response = client.post(self.base_url.rstrip("/") + "/chat/completions", json=request)
+                response = client.post(self.completions_url, json=request)
                 response.raise_for_status()
-                text = response.json()["choices"][0]["message"]["content"] or ""
+                text = response.json()["choices"][0]["message"]["content"]
             except Exception as error:  # network, HTTP, timeout and malformed-JSON errors are all retried
-                reason = f"{type(error).__name__}: {error}"[:200]
+                detail = redact_text(f"{type(error).__name__}: {error}", self.base_url)
+                reason = f"{REQUEST_FAILED}: {detail}"
                 continue
-            score = parse_score(text)
+            score = parse_score(text if isinstance(text, str) else None)
             if score is not None:
                 return score, ""
-            reason = f"unparseable answer: {text[:80]!r}"
-        return math.nan, f"failed after {self.max_retries + 1} attempts: {reason}"
+            reason = f"{UNPARSEABLE_ANSWER}: {redact_text(str(text)[:80], self.base_url)!r}"
+        return math.nan, f"{reason} ({self.max_retries + 1} attempts)"[:300]
 
     def score_batch(self, prompts: list[str]) -> list[tuple[float, str]]:
         api_key = os.environ.get(self.api_key_env)

@@ -25,6 +25,7 @@ from fifa_hf.resolve import (
 )
 from fifa_hf.scoring.images import CLIPImageTransform
 from fifa_hf.scoring.lazy import LazyLoaded
+from fifa_hf.storage import model_identity
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -128,6 +129,13 @@ class CLIPRewardModel(_ContrastiveReward):
             self.processor_name_or_path, flag, allow_patterns=PROCESSOR_FILES
         )
 
+    @property
+    def identity(self) -> str:
+        """The weights and processor (Hub commits or digests of the local files) and dtype scores come from."""
+        model = model_identity(self.model_name_or_path, hub_file="config.json")
+        processor = model_identity(self.processor_name_or_path, hub_file="preprocessor_config.json")
+        return f"clip:{model}:{processor}:{self.dtype}"
+
     def _load(self):
         from transformers import AutoModel, AutoProcessor
 
@@ -217,6 +225,13 @@ class OpenCLIPRewardModel(_ContrastiveReward):
                     repo, weights = repo.rsplit("/", 1)
                 _resolve_open_clip_weights(repo, weights, flag)
 
+    @property
+    def identity(self) -> str:
+        model = self.model_name
+        if model.startswith("local-dir:"):
+            model = model_identity(model.removeprefix("local-dir:"))
+        return f"open_clip:{model}:{model_identity(self.pretrained)}:{self.dtype}"
+
     def _load(self):
         try:
             import open_clip
@@ -291,6 +306,10 @@ class PrecomputedReward:
     def __init__(self, column_0: str, column_1: str, name: str = "precomputed"):
         self.columns = (column_0, column_1)
         self.name = name
+
+    @property
+    def identity(self) -> str:
+        return f"precomputed:{','.join(self.columns)}"
 
 
 REWARD_ENTRY_POINTS = "fifa_hf.rewards"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import datasets
 
+from fifa_hf.progress import datasets_bars_disabled
 from fifa_hf.scoring.cache import ScoreCache
 from fifa_hf.scoring.diversity import diversity_by_prompt
 from fifa_hf.scoring.margin import MarginScorer
@@ -51,7 +52,8 @@ def add_prompt_signals(
 ) -> tuple[datasets.Dataset, PromptSignalStats]:
     """Add ``quality`` and ``diversity`` (and their ``*_error`` columns), each computed once per unique prompt.
 
-    A signal whose scorer or embedder is None is skipped (its FiFA weight is 0).
+    A signal whose scorer or embedder is None is skipped (its FiFA weight is 0). The model calls show
+    one bar each; copying the per-prompt values onto the rows is a lookup and shows none.
     """
     prompts = list(dict.fromkeys(dataset["prompt"]))
     stats = PromptSignalStats(unique_prompts=len(prompts))
@@ -61,15 +63,17 @@ def add_prompt_signals(
         result = quality_scorer(prompts, cache=cache)
         stats.quality_cached, stats.quality_scored = result.num_cached, result.num_scored
         stats.quality_failed = len(result.errors)
-        lookup = PromptLookup("quality", result.scores, result.errors)
-        dataset = dataset.map(lookup, batched=True, num_proc=num_proc, desc="Adding quality")
+        with datasets_bars_disabled():
+            dataset = dataset.map(
+                PromptLookup("quality", result.scores, result.errors), batched=True, num_proc=num_proc
+            )
     if embedder is None:
         stats.skipped.append("diversity")
     else:
         terms = diversity_by_prompt(prompts, embedder, k=k, method=knn_method)
         stats.diversity_embedded = len(terms)
-        lookup = PromptLookup("diversity", terms)
-        dataset = dataset.map(lookup, batched=True, num_proc=num_proc, desc="Adding diversity")
+        with datasets_bars_disabled():
+            dataset = dataset.map(PromptLookup("diversity", terms), batched=True, num_proc=num_proc)
     return dataset, stats
 
 

@@ -197,11 +197,15 @@ class DiffusionDPOTrainer(Trainer):
             raise ValueError(
                 f"{name}_dataset is streaming; Diffusion-DPO needs a map-style dataset (a FiFA subset is small)."
             )
-        pairs, report = to_preference_pairs(dataset, drop_ties=args.drop_ties, num_proc=args.dataset_num_proc)
+        # Every image is decoded whole now: a truncated file is dropped and counted, not a crash mid-training.
+        pairs, report = to_preference_pairs(
+            dataset, drop_ties=args.drop_ties, num_proc=args.dataset_num_proc, verify_images=True
+        )
         self.dataset_reports[name] = report
         logger.info("%s dataset: %s", name, report)
         if len(pairs) == 0:
-            raise ValueError(f"No usable preference pair in {name}_dataset: {report}")
+            problem = "it has no rows" if report.rows_in == 0 else f"every row was dropped ({report})"
+            raise ValueError(f"{name}_dataset holds no usable preference pair: {problem}.")
         pairs = pairs.select_columns(["prompt", "chosen", "rejected"])
         return pairs.add_column("pair_index", list(range(len(pairs))))
 

@@ -120,7 +120,7 @@ def synthetic_filter_config(output_dir: str | Path, k: float, seed: int, **overr
     ``method="fifa"`` unless overridden, so that every signal is scored and any method can be re-selected.
     """
     settings = dict(
-        dataset="synthetic-pickapic",
+        dataset_name="synthetic-pickapic",
         output_dir=str(output_dir),
         reward_type="precomputed",
         reward_columns=",".join(SIMULATED_REWARD_COLUMNS),
