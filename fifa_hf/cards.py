@@ -326,7 +326,11 @@ def diffusion_model_card(
         widget=[{"text": prompt, "output": {"url": url}} for prompt, url in samples or []] or None,
     )
     kind = "LoRA adapter for" if is_lora else "fine-tune of"
-    base = f"[{base_model_id}](https://huggingface.co/{base_model_id})" if base_model_id else f"`{base_model}` (a local model)"
+    base = (
+        f"[{base_model_id}](https://huggingface.co/{base_model_id})"
+        if base_model_id
+        else f"`{base_model}` (a local model)"
+    )
     trained_on = [f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets or []]
     trained_on += [f"`{d}` (a local dataset)" for d in local_datasets or []]
     rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
