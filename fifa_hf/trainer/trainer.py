@@ -426,7 +426,7 @@ class DiffusionDPOTrainer(Trainer):
         if self.args.sft:
             return mse.mean(), {"mse/policy_chosen": mse}
         with torch.no_grad():
-            ref_mse = per_sample_mse(self._reference_prediction(noisy, timesteps, hidden, kwargs), target)
+            ref_mse = per_sample_mse(self._reference_forward(noisy, timesteps, hidden, kwargs), target)
         mse_w, mse_l = mse.chunk(2)
         ref_w, ref_l = ref_mse.chunk(2)
         losses, chosen_rewards, rejected_rewards = diffusion_dpo_loss(
@@ -444,7 +444,7 @@ class DiffusionDPOTrainer(Trainer):
         }
         return losses.mean(), metrics
 
-    def _reference_prediction(self, noisy, timesteps, hidden, kwargs) -> torch.Tensor:
+    def _reference_forward(self, noisy, timesteps, hidden, kwargs) -> torch.Tensor:
         """The frozen reference: the UNet with its LoRA layers off (toggled directly, without walking the whole
         UNet), or the frozen copy under the same autocast as the policy."""
         if self.ref_unet is not None:
