@@ -65,7 +65,8 @@ class DiffusionDPOConfig(TrainingArguments):
             Train on the chosen images only with the plain denoising loss (the SFT baseline).
 
     Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-5`,
-    `logging_steps=10`, `remove_unused_columns=False` (the image columns must reach the collator). `bf16`
+    `logging_steps=10`, `remove_unused_columns=False` (the image columns must reach the collator),
+    `ddp_find_unused_parameters=False` (every trained parameter takes part in every step). `bf16`
     stays opt-in; it works on CPU too (torch's bf16 autocast), and the frozen reference runs under the same
     autocast as the policy.
     """
@@ -74,6 +75,10 @@ class DiffusionDPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep all columns: the image columns must reach the collator."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP's search for unused parameters; off: every trained parameter is used every step."},
     )
     bf16: bool = field(
         default=False,
