@@ -157,7 +157,7 @@ def test_every_loss_type_learns_the_preference_of_a_few_pairs(tiny_sd_path, pair
 
 
 def test_lora_with_alpha_four_times_r_reloads_to_the_trained_outputs(tiny_sd_path, pairs, tmp_path):
-    lora = LoraConfig(**{**LORA, "lora_alpha": 16})
+    lora = LoraConfig(**{**LORA, "lora_alpha": 16, "lora_dropout": 0.1})  # trained without dropout, saved so
     args = config(tmp_path, learning_rate=1e-2, max_steps=3)
     trainer = DiffusionDPOTrainer(str(tiny_sd_path), args, train_dataset=pairs, peft_config=lora)
     trainer.train()
@@ -178,10 +178,18 @@ def test_lora_with_alpha_four_times_r_reloads_to_the_trained_outputs(tiny_sd_pat
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_dropout_is_off_so_training_forwards_are_repeatable(tiny_sd_path, pairs, tmp_path):
-    lora = LoraConfig(**{**LORA, "lora_dropout": 0.5})
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_dropout_is_off_so_training_forwards_are_repeatable(tiny_sd_path, pairs, tmp_path, lora):
+    """As TRL's DPO: no dropout in the UNet (its own, configured here, nor the LoRA's)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_path, model)
+    config_path = model / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "dropout": 0.3}))
     trainer = DiffusionDPOTrainer(
-        str(tiny_sd_path), config(tmp_path, learning_rate=1e-2), train_dataset=pairs, peft_config=lora
+        str(model),
+        config(tmp_path, learning_rate=1e-2),
+        train_dataset=pairs,
+        peft_config=LoraConfig(**{**LORA, "lora_dropout": 0.5}) if lora else None,
     )
     trainer.train()
     unet = trainer.model.train()
@@ -287,6 +295,8 @@ def test_evaluation_is_deterministic_and_the_best_checkpoint_is_loaded_at_the_en
         eval_dataset=pairs.select(range(8)),
         peft_config=LoraConfig(**LORA),
     )
+    eval_batch = next(iter(trainer.get_eval_dataloader()))  # center crops, no flip, no caption dropout
+    assert len(eval_batch["prompts"]) == 8 and "" not in eval_batch["prompts"]
     trainer.train()
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert len(evaluations) == 3 and {"eval_rewards/accuracies", "eval_mse/ref_chosen"} <= set(evaluations[0])

@@ -203,3 +203,12 @@ def test_fifa_hf_train_refuses_what_it_cannot_apply(tiny_sd_path, pairs, tmp_pat
     with pytest.raises(ValueError, match=message):
         main([*base, "--use_cpu", "true", "--report_to", "none", *flags])
     assert not (tmp_path / "o").exists()
+
+
+def test_cards_name_hub_models_by_their_id_and_local_ones_by_their_folder(tiny_sd_path, tmp_path):
+    from fifa_hf.trainer.model_card import display_name, hub_id
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-sd" / "snapshots" / ("a" * 40)
+    assert hub_id(str(snapshot)) == "org/tiny-sd" and hub_id("org/tiny-sd") == "org/tiny-sd"
+    assert hub_id(str(tiny_sd_path)) is None and hub_id("./tiny-sd") is None and hub_id("tiny-sd") is None
+    assert display_name(str(tiny_sd_path)) == "tiny-sd" and display_name(str(snapshot)) == "org/tiny-sd"
