@@ -159,7 +159,7 @@ def profile(model: Path, data: Path, res: int, steps: int, directory: Path) -> d
     args = DiffusionDPOConfig(
         output_dir=str(directory / "profile"), per_device_train_batch_size=4, max_steps=steps, resolution=res,
         learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.01, report_to="none", save_strategy="no",
-        use_cpu=True, logging_steps=1, disable_tqdm=True, card_sample_steps=0,
+        use_cpu=True, logging_steps=steps, disable_tqdm=True, card_sample_steps=0,
     )  # fmt: skip
     lora = LoraConfig(
         r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
@@ -212,6 +212,8 @@ def main() -> None:
                 run_dir.mkdir()
                 argv = command(label, args.peer, model, data, run_dir / "out", args.res, args.steps, gpu)
                 results[label].append(run(label, argv, run_dir, args.threads))
+                r = results[label][-1]
+                print(f"  run {label}: {r['wall'] * 1000:.1f} ms/step, peak {r['peak_gb']:.2f} GiB", flush=True)
             row = {label: results[label][-1] for label in labels}
             line = ", ".join(
                 f"{k} {v['wall'] * 1000:.1f} ms (cpu {v['cpu'] * 1000:.1f}"

@@ -163,17 +163,6 @@ def test_fifa_hf_train_loads_the_pipeline_in_the_given_dtype(tiny_sd_path, pairs
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_fifa_hf_train_help_lists_every_argument_group(capsys):
-    from fifa_hf.cli import main as cli
-
-    with pytest.raises(SystemExit) as exit:
-        cli(["train", "--help"])
-    help = capsys.readouterr().out
-    assert exit.value.code == 0
-    for flag in ("--dataset_name", "--model_name_or_path", "--use_peft", "--beta", "--cache_latents", "--push_to_hub"):
-        assert flag in help
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [

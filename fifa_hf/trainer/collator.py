@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fifa_hf.scoring.images import decode_image
+from fifa_hf.images import decode_image
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

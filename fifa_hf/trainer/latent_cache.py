@@ -17,7 +17,7 @@ from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fifa_hf.scoring.images import decode_image
+from fifa_hf.images import decode_image
 from fifa_hf.trainer.collator import crop_pair
 
 FLOAT16_MAX = torch.finfo(torch.float16).max
