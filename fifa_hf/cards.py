@@ -257,52 +257,105 @@ def _quality_description(config) -> str:
     return f"llm: {published_reference(config.quality_model)}"
 
 
-def diffusion_model_card(
-    base_model: str,
-    model_id: str,
-    is_sdxl: bool,
-    is_lora: bool,
-    datasets: list[str],
-    hyperparameters: dict,
-    paper_citation: str,
-    extra_tags: list[str] | None = None,
-) -> ModelCard:
-    """The model card of a Diffusion-DPO checkpoint, with a quick start that loads it."""
-    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if is_sdxl else "stable-diffusion"]
-    tags += ["lora"] if is_lora else []
-    tags += ["diffusion-dpo", "fifa", "trl", *(extra_tags or [])]
-    data = ModelCardData(
-        library_name="diffusers",
-        base_model=base_model,
-        datasets=datasets or None,
-        tags=list(dict.fromkeys(tags)),
-        pipeline_tag="text-to-image",
-    )
-    if is_lora:
-        quick_start = f"""from diffusers import DiffusionPipeline
+DIFFUSION_DPO_PAPER = "https://huggingface.co/papers/2311.12908"
+FIFA_PAPER = "https://huggingface.co/papers/2410.10166"
 
-pipeline = DiffusionPipeline.from_pretrained("{base_model}")
+
+def _quick_start(base_model: str, base_is_local: bool, model_id: str, is_lora: bool) -> str:
+    base = f'"{base_model}"' + ("  # the base model's local directory" if base_is_local else "")
+    if is_lora:
+        return f"""from diffusers import DiffusionPipeline
+
+pipeline = DiffusionPipeline.from_pretrained({base})
 pipeline.load_lora_weights("{model_id}")
 image = pipeline("a photo of an astronaut riding a horse").images[0]"""
-    else:
-        quick_start = f"""from diffusers import DiffusionPipeline, UNet2DConditionModel
+    return f"""from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("{model_id}", subfolder="unet")
-pipeline = DiffusionPipeline.from_pretrained("{base_model}", unet=unet)
+pipeline = DiffusionPipeline.from_pretrained({base}, unet=unet)
 image = pipeline("a photo of an astronaut riding a horse").images[0]"""
+
+
+def _results_table(results: dict[str, dict[str, float]]) -> str:
+    if not results:
+        return "No metrics were logged."
+    names = list(dict.fromkeys(key.removeprefix("eval_") for metrics in results.values() for key in metrics))
+    rows = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for split, metrics in results.items():
+        values = [metrics.get(name, metrics.get(f"eval_{name}")) for name in names]
+        cells = ["" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+        rows.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def diffusion_model_card(
+    model_id: str,
+    base_model: str,
+    base_model_id: str | None,
+    is_sdxl: bool,
+    is_lora: bool,
+    hyperparameters: dict,
+    paper_citation: str,
+    license: str = "other",
+    datasets: list[str] | None = None,
+    local_datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    results: dict[str, dict[str, float]] | None = None,
+    framework_versions: dict[str, str] | None = None,
+    samples: list[tuple[str, str]] | None = None,
+    sample_grid: str | None = None,
+    fifa_subset: bool = False,
+) -> ModelCard:
+    """The model card of a Diffusion-DPO checkpoint, built on ``huggingface_hub.ModelCardData``.
+
+    ``model_id`` is the real repo id (or the output directory's name), ``base_model`` how the base model is
+    shown and ``base_model_id`` its Hub id, None for a local model (no metadata, no link). ``datasets`` are Hub
+    ids (metadata and links), ``local_datasets`` names of local ones (named, never linked). ``samples`` are
+    (prompt, image file) pairs for the widget; ``sample_grid`` the before/after grid's file. ``fifa_subset``:
+    the training pairs were selected by ``fifa-hf filter`` (the card says so only then).
+    """
+    card_tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if is_sdxl else "stable-diffusion"]
+    card_tags += ["lora"] if is_lora else []
+    data = ModelCardData(
+        license=license,
+        library_name="diffusers",
+        base_model=base_model_id,
+        datasets=list(datasets or []) or None,
+        tags=list(dict.fromkeys([*card_tags, *(tags or [])])),
+        pipeline_tag="text-to-image",
+        widget=[{"text": prompt, "output": {"url": url}} for prompt, url in samples or []] or None,
+    )
     kind = "LoRA adapter for" if is_lora else "fine-tune of"
+    base = (
+        f"[{base_model_id}](https://huggingface.co/{base_model_id})"
+        if base_model_id
+        else f"`{base_model}` (a local model)"
+    )
+    trained_on = [f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets or []]
+    trained_on += [f"`{d}` (a local dataset)" for d in local_datasets or []]
     rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
-    trained_on = ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) or "a preference dataset"
+    versions = "\n".join(f"- {name}: {version}" for name, version in (framework_versions or {}).items())
+    grid = (
+        f"\n## Samples\n\nTop row: the base model; bottom row: this model (same prompts and seeds).\n\n"
+        f"![Samples before and after training]({sample_grid})\n"
+        if sample_grid
+        else ""
+    )
+    selection = f", a subset of preference pairs selected with [FiFA]({FIFA_PAPER})" if fifa_subset else ""
     body = f"""# {model_id}
 
-A Diffusion-DPO {kind} [{base_model}](https://huggingface.co/{base_model}), trained with
-[fifa-hf](https://github.com/fifa-hf/fifa-hf) on {trained_on}.
+A [Diffusion-DPO]({DIFFUSION_DPO_PAPER}) {kind} {base}, trained with fifa-hf on
+{", ".join(trained_on) or "a preference dataset"}{selection}.
 
 ## Quick start
 
 ```python
-{quick_start}
+{_quick_start(base_model_id or base_model, base_model_id is None, model_id, is_lora)}
 ```
+{grid}
+## Training results
+
+{_results_table(results or {})}
 
 ## Training hyperparameters
 
@@ -310,7 +363,16 @@ A Diffusion-DPO {kind} [{base_model}](https://huggingface.co/{base_model}), trai
 |---|---|
 {rows}
 
+## Framework versions
+
+{versions}
+
 ## Citations
+
+- Diffusion-DPO: Wallace et al., *Diffusion Model Alignment Using Direct Preference Optimization*, CVPR 2024
+  ([paper]({DIFFUSION_DPO_PAPER})).
+- FiFA: Yang et al., *Automated Filtering of Human Feedback Data for Aligning Text-to-Image Diffusion Models*,
+  ICLR 2025 ([paper]({FIFA_PAPER})).
 
 ```bibtex
 {paper_citation}

@@ -135,6 +135,12 @@ def demo_command(args: DemoArguments) -> None:
     print(f"report: {args.output_dir}/report.md, results: {args.output_dir}/results.json")
 
 
+def train_command(script_args, training_args, model_args) -> None:
+    from fifa_hf.trainer.script import train
+
+    train(script_args, training_args, model_args)
+
+
 def evaluate_command(args: EvaluateArguments) -> None:
     from fifa_hf.evaluation import evaluate
 
@@ -181,6 +187,11 @@ COMMANDS: dict[str, Command] = {
         "Generate the synthetic Pick-a-Pic and print its statistics.",
         ("fifa_hf.cli:SyntheticArguments",),
         synthetic,
+    ),
+    "train": Command(
+        "Diffusion-DPO on a preference dataset (e.g. a FiFA subset): SD1.5 or SDXL, LoRA or full.",
+        ("trl:ScriptArguments", "fifa_hf.trainer.config:DiffusionDPOConfig", "trl:ModelConfig"),
+        train_command,
     ),
 }
 

@@ -1,15 +1,20 @@
-"""Runs examples/train.py in each process, then records a weight checksum per rank and who saved."""
+"""Runs `fifa-hf train` in each process and records, per rank, what the test checks: a weight checksum, the
+timesteps of the first policy forward, how many VAE encodes ran, the cache size, and who saved the LoRA."""
 
+import json
 import os
-import runpy
 import sys
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-script, *argv = sys.argv[1:]
+from fifa_hf.trainer.script import main
+
 rank = int(os.environ["RANK"])
+record = {"timesteps": None, "vae_encodes": 0}
 original_save = StableDiffusionPipeline.save_lora_weights.__func__
+original_encode = AutoencoderKL.encode
+original_forward = UNet2DConditionModel.forward
 
 
 def recording_save(cls, save_directory, **kwargs):
@@ -17,16 +22,24 @@ def recording_save(cls, save_directory, **kwargs):
     open(os.path.join(save_directory, f"saved-by-rank{rank}"), "a").write("x")
 
 
+def counting_encode(self, *args, **kwargs):
+    record["vae_encodes"] += 1
+    return original_encode(self, *args, **kwargs)
+
+
+def recording_forward(self, sample, timestep, *args, **kwargs):
+    if record["timesteps"] is None and torch.is_grad_enabled():
+        record["timesteps"] = timestep.tolist()
+    return original_forward(self, sample, timestep, *args, **kwargs)
+
+
 StableDiffusionPipeline.save_lora_weights = classmethod(recording_save)
-sys.argv = [script, *argv]
-namespace = runpy.run_path(script)
-from trl import ModelConfig, ScriptArguments, TrlParser  # noqa: E402
-
-from fifa_hf.trainer import DiffusionDPOConfig  # noqa: E402
-
-trainer = namespace["main"](*TrlParser((ScriptArguments, DiffusionDPOConfig, ModelConfig)).parse_args_and_config(argv))
-total = sum(p.detach().double().sum().item() for p in trainer.model.parameters() if p.requires_grad)
+AutoencoderKL.encode = counting_encode
+UNet2DConditionModel.forward = recording_forward
+trainer = main(sys.argv[1:])
 assert trainer.accelerator.num_processes == 2
-with open(os.path.join(trainer.args.output_dir, f"checksum-rank{rank}"), "w") as f:
-    f.write(f"{total:.10e}")
+record["checksum"] = f"{sum(p.detach().double().sum().item() for p in trainer._trainable_parameters):.10e}"
+record["cached_pairs"] = len(trainer._caches["train"])
+with open(os.path.join(trainer.args.output_dir, f"rank{rank}.json"), "w") as f:
+    json.dump(record, f)
 torch.distributed.barrier()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from fifa_hf.images import decode_image
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -52,15 +53,28 @@ def crop_pair(
     return _to_tensor(chosen), _to_tensor(rejected), original_size, (top, left)
 
 
-def decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+class SharedEpoch:
+    """The current epoch, in shared memory: dataloader workers (persistent ones too) read the value the
+    trainer sets in the main process, so every epoch draws new augmentations."""
+
+    def __init__(self):
+        self._value = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._value.fill_(value)
 
 
-class DiffusionDPOCollator:
+class DiffusionDPOCollator(SharedEpoch):
     """Canonical pairs (``prompt``, ``chosen``, ``rejected`` bytes, ``pair_index``) -> pixel batches.
 
     Each pair gets one crop and one flip for both images, and caption dropout; the choices come from
-    ``pair_generator(seed, epoch, pair_index)`` (the trainer sets ``epoch``).
+    ``pair_generator(seed, epoch, pair_index)`` (the trainer sets ``epoch``). With ``random_crop=False``,
+    ``hflip=False`` and ``proportion_empty_prompts=0`` it is deterministic (the evaluation collator).
     """
 
     def __init__(
@@ -76,17 +90,18 @@ class DiffusionDPOCollator:
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
-        self.epoch = 0
+        super().__init__()
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         chosen, rejected, original_sizes, crops, prompts = [], [], [], [], []
+        epoch = self.epoch
         for example in examples:
-            generator = pair_generator(self.seed, self.epoch, example["pair_index"])
+            generator = pair_generator(self.seed, epoch, example["pair_index"])
             flip = self.hflip and bool(torch.rand((), generator=generator) < 0.5)
             drop = bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
             winner, loser, size, crop = crop_pair(
-                decode(example["chosen"]),
-                decode(example["rejected"]),
+                decode_image(example["chosen"]),
+                decode_image(example["rejected"]),
                 self.resolution,
                 self.random_crop,
                 flip,
@@ -106,19 +121,20 @@ class DiffusionDPOCollator:
         }
 
 
-class CachedPairCollator:
+class CachedPairCollator(SharedEpoch):
     """With ``cache_latents``: only the pair index, the flip and the caption dropout are drawn per step."""
 
     def __init__(self, hflip: bool = True, proportion_empty_prompts: float = 0.0, seed: int = 0):
         self.hflip = hflip
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
-        self.epoch = 0
+        super().__init__()
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         flips, drops = [], []
+        epoch = self.epoch
         for example in examples:
-            generator = pair_generator(self.seed, self.epoch, example["pair_index"])
+            generator = pair_generator(self.seed, epoch, example["pair_index"])
             flips.append(self.hflip and bool(torch.rand((), generator=generator) < 0.5))
             drops.append(bool(torch.rand((), generator=generator) < self.proportion_empty_prompts))
         return {

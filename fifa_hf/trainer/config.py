@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from fifa_hf.trainer.loss import LOSS_TYPES
+from fifa_hf.trainer.loss import DEFAULT_BETA, LOSS_TYPES
+
+CARD_SAMPLE_PROMPTS = [
+    "a red apple on a wooden table",
+    "an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at sunset",
+    "a cozy cabin in a snowy forest",
+]
 
 
 @dataclass
@@ -15,8 +22,15 @@ class DiffusionDPOConfig(TrainingArguments):
     Configuration class for the [`DiffusionDPOTrainer`].
 
     Parameters that control the model:
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Disable dropout in the UNet (LoRA dropout included), as TRL's DPO does: the policy and the reference
+            must see the same network at step 0.
         save_full_pipeline (`bool`, *optional*, defaults to `False`):
             For full fine-tuning, also save the whole pipeline (with the trained UNet) in `output_dir`.
+        card_sample_prompts (`list[str]`, *optional*):
+            Fixed prompts of the model card's sample grid (before / after training, same seeds).
+        card_sample_steps (`int`, *optional*, defaults to `25`):
+            Inference steps of the sample grid; `0` writes the card without samples.
 
     Parameters that control the data:
         resolution (`int` or `None`, *optional*, defaults to `None`):
@@ -28,16 +42,23 @@ class DiffusionDPOConfig(TrainingArguments):
         proportion_empty_prompts (`float`, *optional*, defaults to `0.0`):
             Fraction of prompts replaced by the empty prompt (caption dropout, for classifier-free guidance).
         cache_latents (`bool`, *optional*, defaults to `False`):
-            Encode every image with the VAE and every prompt with the text encoders once, before training.
+            Encode every image with the VAE and every prompt with the text encoders once, before training (on
+            the main process; the other processes load its result). Latents are kept in half precision when
+            they fit.
         drop_ties (`bool`, *optional*, defaults to `True`):
-            Drop pairs labelled as ties.
+            Drop pairs labelled as ties. A tie has no preferred image, so only `sft=True` may keep them (it
+            trains on image 0 of a tie).
         dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
             Processes used to prepare the dataset.
 
     Parameters that control the training:
-        beta (`float`, *optional*, defaults to `5000.0`):
-            KL regularization strength, in the Diffusion-DPO paper's convention
-            (`inside = -0.5 * beta * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))`).
+        beta (`float` or `None`, *optional*, defaults to `None`):
+            For `"sigmoid"` and `"hinge"`, the KL strength in the Diffusion-DPO paper's convention
+            (`inside = -0.5 * beta * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))`; default 5000, the paper's
+            SD1.5 value). For `"ipo"`, IPO's tau as in TRL: the loss pulls the unscaled logit
+            `-0.5 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))` towards `1 / (2 * beta)`; default 1000 (a target
+            of 5e-4, about where the sigmoid loss at beta 5000 is satisfied; at 5000 the target is 1e-4 and the
+            loss ~1e-8).
         loss_type (`str`, *optional*, defaults to `"sigmoid"`):
             `"sigmoid"` (Diffusion-DPO), `"hinge"` or `"ipo"`.
         sft (`bool`, *optional*, defaults to `False`):
@@ -45,7 +66,9 @@ class DiffusionDPOConfig(TrainingArguments):
 
     Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-5`,
     `logging_steps=10`, `remove_unused_columns=False` (the image columns must reach the collator),
-    `bf16=False` and `fp16=False` (mixed precision is opt-in, never on CPU).
+    `ddp_find_unused_parameters=False` (every trained parameter takes part in every step). `bf16`
+    stays opt-in; it works on CPU too (torch's bf16 autocast), and the frozen reference runs under the same
+    autocast as the policy.
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate (AdamW)."})
@@ -53,11 +76,27 @@ class DiffusionDPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep all columns: the image columns must reach the collator."}
     )
-    bf16: bool = field(default=False, metadata={"help": "Use bf16 mixed precision (GPU only)."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP's search for unused parameters; off: every trained parameter is used every step."},
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "Use bf16 mixed precision (autocast; on GPU, and on CPU through torch's bf16 autocast)."},
+    )
 
-    beta: float = field(default=5000.0, metadata={"help": "KL strength, in the Diffusion-DPO paper's convention."})
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "sigmoid/hinge: KL strength in the Diffusion-DPO paper's convention (default 5000). "
+            "ipo: IPO's tau, the target logit is 1/(2*beta) (default 1000)."
+        },
+    )
     loss_type: str = field(default="sigmoid", metadata={"help": f"Loss: {', '.join(LOSS_TYPES)}."})
     sft: bool = field(default=False, metadata={"help": "Train on the chosen images only (SFT baseline)."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Disable dropout in the UNet, LoRA dropout included (as TRL's DPO)."}
+    )
     resolution: int | None = field(
         default=None, metadata={"help": "Training resolution; default: the UNet's native size."}
     )
@@ -69,15 +108,26 @@ class DiffusionDPOConfig(TrainingArguments):
     cache_latents: bool = field(
         default=False, metadata={"help": "Encode images and prompts once before training and reuse them."}
     )
-    drop_ties: bool = field(default=True, metadata={"help": "Drop pairs labelled as ties."})
+    drop_ties: bool = field(
+        default=True, metadata={"help": "Drop pairs labelled as ties (only sft=True may keep them)."}
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes to prepare the dataset."})
     save_full_pipeline: bool = field(
         default=False, metadata={"help": "Full fine-tuning: also save the whole pipeline in output_dir."}
+    )
+    card_sample_prompts: list[str] = field(
+        default_factory=lambda: list(CARD_SAMPLE_PROMPTS),
+        metadata={"help": "Fixed prompts of the model card's before/after sample grid."},
+    )
+    card_sample_steps: int = field(
+        default=25, metadata={"help": "Inference steps of the model card's sample grid (0: no samples)."}
     )
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.loss_type]
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
@@ -87,4 +137,11 @@ class DiffusionDPOConfig(TrainingArguments):
                 "cache_latents encodes each image once, so a random crop could not change between epochs; "
                 "use center crops (random_crop=False) with cache_latents."
             )
+        if not self.drop_ties and not self.sft:
+            raise ValueError(
+                "drop_ties=False keeps tied pairs, which have no preferred image for a preference loss; "
+                "keep drop_ties=True (as Diffusion-DPO does), or use sft=True to train on image 0 of a tie."
+            )
+        if self.card_sample_steps < 0:
+            raise ValueError(f"card_sample_steps must be >= 0 (0: no samples), got {self.card_sample_steps}")
         super().__post_init__()

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+# sigmoid and hinge: the paper's KL strength for SD1.5. ipo: IPO's tau, a target logit 1 / (2 * 1000) = 5e-4,
+# about where the sigmoid loss at beta = 5000 is satisfied (-logsigmoid(2.5) = 0.08).
+DEFAULT_BETA = {"sigmoid": 5000.0, "hinge": 5000.0, "ipo": 1000.0}
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -31,8 +34,8 @@ def diffusion_dpo_loss(
 
     ``logits = -0.5 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))`` is the implicit log-ratio
     difference; as in TRL's DPO, sigmoid is ``-logsigmoid(beta * logits)``, hinge
-    ``relu(1 - beta * logits)`` and IPO ``(logits - 1 / (2 * beta))**2``. The rewards are
-    ``-0.5 * beta * (mse - ref_mse)``, so ``chosen - rejected == beta * logits``.
+    ``relu(1 - beta * logits)`` and IPO ``(logits - 1 / (2 * beta))**2`` (there ``beta`` is IPO's tau).
+    The rewards are ``-0.5 * beta * (mse - ref_mse)``, so ``chosen - rejected == beta * logits``.
     """
     chosen_rewards = -0.5 * beta * (policy_mse_chosen - ref_mse_chosen)
     rejected_rewards = -0.5 * beta * (policy_mse_rejected - ref_mse_rejected)
@@ -46,3 +49,8 @@ def diffusion_dpo_loss(
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen image's implicit reward is strictly higher, else 0 (ties count 0, as in TRL)."""
+    return (chosen_rewards > rejected_rewards).float()

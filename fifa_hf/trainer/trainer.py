@@ -3,17 +3,20 @@
 It subclasses ``transformers.Trainer`` directly rather than TRL's private base trainer (whose telemetry
 and model-card code assume a transformers text model). The trained module is the UNet; the VAE and text
 encoders are frozen helpers; the reference is the same UNet with its LoRA adapters disabled, or a
-frozen copy for full fine-tuning.
+frozen copy for full fine-tuning, run under the same autocast as the policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import functools
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,79 +25,165 @@ import torch
 from accelerate import PartialState
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, deprecation_utils
+from huggingface_hub import HfApi
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, enable_full_determinism
+from transformers.trainer_utils import set_seed as set_seed_everywhere
+from transformers.utils import PushInProgress
+from trl.trainer.utils import disable_dropout_in_model
 
 from fifa_hf.data import to_preference_pairs
-from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator, crop_pair, decode
+from fifa_hf.resolve import resolve_hub_reference
+from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
 from fifa_hf.trainer.config import DiffusionDPOConfig
-from fifa_hf.trainer.loss import diffusion_dpo_loss, per_sample_mse
+from fifa_hf.trainer.latent_cache import LatentCache, build_latent_cache, shared_latent_cache
+from fifa_hf.trainer.loss import diffusion_dpo_loss, per_sample_mse, preference_accuracy
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# What a training run needs of a Hub pipeline: configs, tokenizers and safetensors weights (no safety checker,
+# no fp16/EMA variants, no .ckpt files).
+PIPELINE_FILE_PATTERNS = [
+    "model_index.json", "README.md", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "feature_extractor/*",
+    *(f"{c}/{name}" for c in _COMPONENTS for name in (
+        "config.json", "*.index.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*.safetensors",
+        "model.safetensors", "model-*.safetensors",
+    )),
+]  # fmt: skip
+# What is published: the weights (LoRA file, or unet/ and the full pipeline if saved), the card and its samples.
 MODEL_FILE_PATTERNS = [
     "README.md", "*.safetensors", "model_index.json", "unet/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
-    "tokenizer/*", "tokenizer_2/*", "scheduler/*",
+    "tokenizer/*", "tokenizer_2/*", "scheduler/*", "samples/*",
 ]  # fmt: skip
 
 
-def load_pipeline(model: str | os.PathLike | DiffusionPipeline) -> DiffusionPipeline:
-    """A Hub id, a local pipeline directory or a pipeline object; SD pipelines load without a safety checker."""
+# Recent diffusers renamed from_pretrained's torch_dtype to dtype and warn on the old name.
+_DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def load_pipeline(
+    model: str | os.PathLike | DiffusionPipeline, torch_dtype: torch.dtype | None = None, revision: str | None = None
+) -> DiffusionPipeline:
+    """A Hub id, a local pipeline directory or a pipeline object; SD pipelines load without a safety checker.
+
+    A Hub id is resolved (downloaded, or found in the cache) before anything loads, failing at once if it cannot be.
+    """
     if isinstance(model, DiffusionPipeline):
         return model
-    config = DiffusionPipeline.load_config(str(model))
-    if "text_encoder_2" in config:
-        return StableDiffusionXLPipeline.from_pretrained(str(model))
-    return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    path = resolve_hub_reference(model, "model", revision=revision, allow_patterns=PIPELINE_FILE_PATTERNS)
+    kwargs = {}
+    if torch_dtype not in (None, torch.float32):
+        kwargs[_DTYPE_KWARG] = torch_dtype
+    if "text_encoder_2" in DiffusionPipeline.load_config(path):
+        return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
 
 
-def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+def load_unet_weights(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Load a ``save_pretrained`` UNet directory's weights into ``unet``, sharded (index file) or not."""
+    directory = Path(directory)
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
+    state = {}
+    for name in files or [SAFETENSORS_WEIGHTS_NAME]:
+        state.update(load_file(directory / name))
+    unet.load_state_dict(state)
 
 
-class _DiffusersTensorBoardCallback(TensorBoardCallback):
-    """transformers' TensorBoard callback, which writes ``model.config.to_json_string()`` at the start: a
-    diffusers config (a FrozenDict) has no such method, so the config is written as JSON here instead."""
+def _enable_diffusers_checkpointing(unet: torch.nn.Module, kwargs: dict | None) -> None:
+    """Activation checkpointing through diffusers' API, also answering transformers' hook.
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.tb_writer is not None and model is not None:
-            self.tb_writer.add_text("model_config", json.dumps(dict(model.config), indent=2, default=str))
+    ``Trainer.train`` calls ``model.activation_checkpointing_enable`` (a transformers method diffusers models lack)
+    whenever ``args.activation_checkpointing`` is set; the UNet gets one that accepts only what diffusers can do.
+    """
+    checkpoint_kwargs = {"use_reentrant": False, **(kwargs or {})}
+    for option in ("every_n_layers", "offload"):
+        if checkpoint_kwargs.pop(option, None) not in (None, 1 if option == "every_n_layers" else False):
+            raise ValueError(f"activation_checkpointing_kwargs: {option!r} is not supported for a diffusers UNet.")
+
+    def checkpoint(function, *args):
+        return torch.utils.checkpoint.checkpoint(function, *args, **checkpoint_kwargs)
+
+    def activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        if every_n_layers != 1 or offload:
+            raise ValueError("A diffusers UNet checkpoints every block, without offloading.")
+        unet.enable_gradient_checkpointing(checkpoint)
+
+    activation_checkpointing_enable()
+    unet.activation_checkpointing_enable = activation_checkpointing_enable
 
 
-class _CollatorEpoch(TrainerCallback):
-    """Tells the collator which epoch it is, so each epoch draws new augmentations."""
+@contextlib.contextmanager
+def _datasets_progress_bars_off():
+    enabled = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _train_unless_training(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    if mode and module.training:
+        return module
+    return torch.nn.Module.train(module, mode)
+
+
+def _zero_grads(parameters: list[torch.nn.Parameter], set_to_none: bool = True) -> None:
+    for parameter in parameters:
+        if parameter.grad is not None:
+            if set_to_none:
+                parameter.grad = None
+            else:
+                parameter.grad.zero_()
+
+
+class _TrainingRandomness(TrainerCallback):
+    """Per-process random streams, and new augmentations every epoch.
+
+    When training starts (after the data sampler took its seed, so every process still shards one permutation),
+    each process seeds torch with ``seed + process_index``: processes draw different latents, noise and
+    timesteps, as in the Salesforce script. Each epoch the collators learn the epoch (through shared memory,
+    so persistent dataloader workers see it too).
+    """
 
     def __init__(self, collator):
         self.collator = collator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        seed = args.seed + args.process_index
+        enable_full_determinism(seed) if args.full_determinism else set_seed_everywhere(seed)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.epoch = int(state.epoch or 0)
 
 
-@dataclass
-class LatentCache:
-    """VAE latent distributions (per flip) and prompt embeddings computed once, sampled every step."""
+class _DiffusersTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard callback, writing the model config of a diffusers model (a ``FrozenDict``)."""
 
-    latent_parameters: dict[bool, torch.Tensor]  # flip -> (pairs, 2, 2 * latent channels, h, w)
-    prompt_index: torch.Tensor  # pair -> row of prompt_embeds
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor | None
-    empty_prompt_embeds: torch.Tensor
-    empty_pooled_prompt_embeds: torch.Tensor | None
-    original_sizes: torch.Tensor
-    crop_top_lefts: dict[bool, torch.Tensor]
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = kwargs.pop("model", None)
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.tb_writer is not None and model is not None and state.is_world_process_zero:
+            self.tb_writer.add_text("model_config", json.dumps(dict(model.config), indent=2, default=str))
 
 
 class DiffusionDPOTrainer(Trainer):
     """Trainer for Diffusion-DPO (Wallace et al., 2023) on canonical or Pick-a-Pic preference data.
 
     Args:
-        model: a Hub id, a local pipeline directory, or a `DiffusionPipeline` (SD1.5 or SDXL; detected).
+        model: a Hub id, a local pipeline directory, or a `DiffusionPipeline` (SD1.5 or SDXL; detected). A
+            pipeline loaded in half precision trains a LoRA in fp32 over its half-precision weights; a full
+            fine-tune needs fp32 weights (use `bf16=True` for mixed precision).
         args: a `DiffusionDPOConfig`; default: one writing to `<model name>-DiffusionDPO`.
         train_dataset / eval_dataset: Pick-a-Pic rows (`caption`, `jpg_0`, `jpg_1`, `label_0`, ...), TRL
             rows (`prompt`, `chosen`, `rejected`) or a FiFA subset written by `fifa-hf filter`.
@@ -128,46 +217,72 @@ class DiffusionDPOTrainer(Trainer):
         if args is None:
             name = Path(str(model)).name if not isinstance(model, DiffusionPipeline) else "pipeline"
             args = DiffusionDPOConfig(output_dir=f"{name}-DiffusionDPO")
-        self.base_model = str(model) if not isinstance(model, DiffusionPipeline) else model.name_or_path
+        # Seed before anything random happens here (the LoRA's initialisation); transformers seeds again later.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed_everywhere(args.seed)
         self.pipeline = load_pipeline(model)
+        self.base_model = model.name_or_path if isinstance(model, DiffusionPipeline) else str(model)
         self.is_sdxl = isinstance(self.pipeline, StableDiffusionXLPipeline)
         self.is_lora = peft_config is not None
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"The scheduler of {self.base_model} predicts {prediction_type!r}; Diffusion-DPO trains "
+                f"{' or '.join(PREDICTION_TYPES)} models (see prediction_type in scheduler/scheduler_config.json)."
+            )
         unet = self.pipeline.unet
         for module in self._frozen_modules():
             module.requires_grad_(False).eval()
-        self.ref_unet = None
+        self.pipeline.vae.to(memory_format=torch.channels_last)  # encodes 1.5-1.7x faster on CPU, same outputs
+        self._input_dtype, self._vae_dtype = unet.dtype, self.pipeline.vae.dtype  # (each a walk over the modules)
         if self.is_lora:
+            if args.disable_dropout and getattr(peft_config, "lora_dropout", 0.0):
+                # Trained without dropout, and saved so: the config travels with the weights, and diffusers leaves
+                # reloaded LoRA layers in training mode, where a dropout > 0 would act at inference.
+                peft_config = dataclasses.replace(peft_config, lora_dropout=0.0)
             unet.requires_grad_(False)
             unet.add_adapter(peft_config)
+            cast_training_params(unet, dtype=torch.float32)  # the adapter trains in fp32 over half weights
+        elif unet.dtype != torch.float32:
+            raise ValueError(
+                f"The UNet is in {unet.dtype}: a full fine-tune would train pure {unet.dtype} weights. Load the "
+                "pipeline in float32 (the default; `--dtype float32`) and set bf16=True for mixed precision, or "
+                "train a LoRA (peft_config / `--use_peft true`), which keeps its own weights in float32."
+            )
         else:
             unet.requires_grad_(True)
-            if not args.sft:
-                self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()  # diffusers' API; transformers.Trainer would call another
-            args.gradient_checkpointing = False
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        if args.disable_dropout:
+            disable_dropout_in_model(unet)
+        self.ref_unet = None
+        if not self.is_lora and not args.sft:
+            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        if args.activation_checkpointing:
+            _enable_diffusers_checkpointing(unet, args.activation_checkpointing_kwargs)
+        self._lora_layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
         self.resolution = args.resolution or unet.config.sample_size * self.pipeline.vae_scale_factor
         self.dataset_reports = {}
-        self.dataset_names = [
-            name for name in (getattr(getattr(train_dataset, "info", None), "dataset_name", None),) if name
-        ]
+        self.dataset_names: list[str] = []
+        self._card_tags: list[str] = []
+        self._card_license: str | None = None
+        self.fifa_subset = train_dataset is not None and "fifa_score" in (train_dataset.column_names or [])
         with PartialState().main_process_first():
             train_dataset = self._prepare_dataset(train_dataset, args, "train")
             eval_dataset = self._prepare_dataset(eval_dataset, args, "eval")
         if args.cache_latents:
             collator = CachedPairCollator(not args.no_hflip, args.proportion_empty_prompts, args.seed)
+            self.eval_collator = CachedPairCollator(hflip=False)
         else:
             collator = DiffusionDPOCollator(
                 self.resolution, args.random_crop, not args.no_hflip, args.proportion_empty_prompts, args.seed
             )
+            self.eval_collator = DiffusionDPOCollator(self.resolution, hflip=False)
         super().__init__(
             model=unet,
             args=args,
             data_collator=collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            callbacks=[*(callbacks or []), _CollatorEpoch(collator)],
+            callbacks=[*(callbacks or []), _TrainingRandomness(collator)],
             optimizers=optimizers,
         )
         callbacks = self.callback_handler.callbacks
@@ -178,12 +293,29 @@ class DiffusionDPOTrainer(Trainer):
             module.to(self.accelerator.device)
         if self.ref_unet is not None:
             self.ref_unet.to(self.accelerator.device)
+        self._trainable_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._caches: dict[str, LatentCache] = {}
+        self._before_samples = None
         if args.cache_latents:
             for mode, dataset in (("train", train_dataset), ("eval", eval_dataset)):
                 if dataset is not None:
-                    self._caches[mode] = self._build_cache(dataset)
+                    flips = (False, True) if mode == "train" and not args.no_hflip else (False,)
+                    build = functools.partial(self._build_cache, dataset, flips, mode)
+                    exchange = os.path.join(args.output_dir, f".latent-cache-{mode}.safetensors")
+                    self._caches[mode] = shared_latent_cache(build, exchange)
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, without two walks over every UNet module at every step: the UNet's ``train()`` returns
+        at once when it is already in training mode, and ``zero_grad()`` clears the trained parameters only (the
+        frozen ones never hold gradients)."""
+        unet = self.model
+        unet.train = functools.partial(_train_unless_training, unet)
+        unet.zero_grad = functools.partial(_zero_grads, self._trainable_parameters)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            del unet.train, unet.zero_grad
 
     # ---- data ----------------------------------------------------------------------------------
     def _frozen_modules(self) -> list[torch.nn.Module]:
@@ -206,94 +338,84 @@ class DiffusionDPOTrainer(Trainer):
         if len(pairs) == 0:
             problem = "it has no rows" if report.rows_in == 0 else f"every row was dropped ({report})"
             raise ValueError(f"{name}_dataset holds no usable preference pair: {problem}.")
-        pairs = pairs.select_columns(["prompt", "chosen", "rejected"])
-        return pairs.add_column("pair_index", list(range(len(pairs))))
+        with _datasets_progress_bars_off():  # an internal flattening of the kept rows, not a step of its own
+            return pairs.select_columns(["prompt", "chosen", "rejected"]).add_column("pair_index", range(len(pairs)))
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation batches come from the deterministic collator: center crops, no flip, no caption dropout."""
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text-encoder hidden states (and SDXL's pooled embedding); SDXL's empty prompts become zeros."""
+        """Text-encoder hidden states (and SDXL's pooled embedding), each distinct prompt encoded once;
+        SDXL's empty prompts become zeros."""
+        unique = list(dict.fromkeys(prompts))
+        index = torch.tensor([unique.index(prompt) for prompt in prompts], device=self.accelerator.device)
+        hidden, pooled = self._encode_unique_prompts(unique)
+        return hidden[index], pooled[index] if pooled is not None else None
+
+    def _encode_unique_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = self.accelerator.device
         if not self.is_sdxl:
-            ids = _tokenize(self.pipeline.tokenizer, prompts)
-            return self.pipeline.text_encoder(ids.to(device))[0], None
+            return self.pipeline.text_encoder(self._tokenize(self.pipeline.tokenizer, prompts).to(device))[0], None
         hidden, pooled = [], None
         pairs = (
             (self.pipeline.tokenizer, self.pipeline.text_encoder),
             (self.pipeline.tokenizer_2, self.pipeline.text_encoder_2),
         )
         for tokenizer, encoder in pairs:
-            ids = _tokenize(tokenizer, prompts)
-            output = encoder(ids.to(device), output_hidden_states=True)
+            output = encoder(self._tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output[0]
         embeds = torch.cat(hidden, dim=-1)
         empty = torch.tensor([p == "" for p in prompts], device=device)
         return embeds.masked_fill(empty[:, None, None], 0.0), pooled.masked_fill(empty[:, None], 0.0)
 
+    @staticmethod
+    def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
     def _time_ids(self, original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor) -> torch.Tensor:
         """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per sample."""
         target = torch.tensor([self.resolution, self.resolution]).expand(len(original_sizes), 2)
-        return torch.cat([original_sizes, crop_top_lefts, target], dim=1).to(self.accelerator.device, torch.float32)
+        sizes = torch.cat([original_sizes.cpu(), crop_top_lefts.cpu(), target], dim=1)
+        return sizes.to(self.accelerator.device, torch.float32)
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        return vae.encode(pixels.to(self.accelerator.device, vae.dtype)).latent_dist.parameters
+        pixels = pixels.to(self.accelerator.device, self._vae_dtype, memory_format=torch.channels_last)
+        return self.pipeline.vae.encode(pixels).latent_dist.parameters.contiguous()
 
-    @torch.no_grad()
-    def _build_cache(self, pairs: datasets.Dataset) -> LatentCache:
-        flips = (False, True) if not self.args.no_hflip else (False,)
-        latents: dict[bool, list[torch.Tensor]] = {flip: [] for flip in flips}
-        crops: dict[bool, list] = {flip: [] for flip in flips}
-        sizes = []
-        batch_size = max(1, self.args.per_device_train_batch_size)
-        for start in range(0, len(pairs), batch_size):
-            rows = pairs[start : start + batch_size]
-            for flip in flips:
-                encoded = [
-                    crop_pair(decode(winner), decode(loser), self.resolution, False, flip)
-                    for winner, loser in zip(rows["chosen"], rows["rejected"])
-                ]
-                pixels = torch.stack([torch.stack([winner, loser]) for winner, loser, _, _ in encoded])
-                parameters = self._encode_images(pixels.flatten(0, 1)).unflatten(0, (len(encoded), 2))
-                latents[flip].append(parameters.cpu())
-                crops[flip] += [crop for _, _, _, crop in encoded]
-                if flip is False:
-                    sizes += [size for _, _, size, _ in encoded]
-        unique = list(dict.fromkeys(pairs["prompt"]))
-        position = {prompt: i for i, prompt in enumerate(unique)}
-        embeds, pooled = zip(*(self.encode_prompts(unique[i : i + 64]) for i in range(0, len(unique), 64)))
-        empty, empty_pooled = self.encode_prompts([""])
-        return LatentCache(
-            latent_parameters={flip: torch.cat(latents[flip]) for flip in flips},
-            prompt_index=torch.tensor([position[p] for p in pairs["prompt"]]),
-            prompt_embeds=torch.cat(embeds).cpu(),
-            pooled_prompt_embeds=torch.cat(pooled).cpu() if self.is_sdxl else None,
-            empty_prompt_embeds=empty.cpu(),
-            empty_pooled_prompt_embeds=empty_pooled.cpu() if self.is_sdxl else None,
-            original_sizes=torch.tensor(sizes),
-            crop_top_lefts={flip: torch.tensor(crops[flip]) for flip in flips},
+    def _build_cache(self, pairs: datasets.Dataset, flips: tuple[bool, ...], mode: str) -> LatentCache:
+        return build_latent_cache(
+            pairs,
+            self._encode_images,
+            self.encode_prompts,
+            self.resolution,
+            flips,
+            batch_size=max(1, self.args.per_device_train_batch_size),
+            num_workers=self.args.dataloader_num_workers,
+            description=f"Caching VAE latents and prompt embeddings ({mode})",
         )
 
     def _batch_from_cache(self, inputs: dict[str, torch.Tensor], cache: LatentCache):
         device = self.accelerator.device
-        index, flips, dropped = inputs["pair_index"].cpu(), inputs["flip"].cpu(), inputs["drop_prompt"].cpu()
-        parameters = torch.stack([cache.latent_parameters[bool(f)][i] for i, f in zip(index, flips)]).to(device)
-        crops = torch.stack([cache.crop_top_lefts[bool(f)][i] for i, f in zip(index, flips)])
-        hidden = cache.prompt_embeds[cache.prompt_index[index]].clone()
-        hidden[dropped] = cache.empty_prompt_embeds
-        pooled = None
-        if self.is_sdxl:
-            pooled = cache.pooled_prompt_embeds[cache.prompt_index[index]].clone()
-            pooled[dropped] = cache.empty_pooled_prompt_embeds
-            pooled = pooled.to(device)
-        time_ids = self._time_ids(cache.original_sizes[index], crops) if self.is_sdxl else None
-        return parameters, hidden.to(device), pooled, time_ids
+        parameters, crops, sizes, hidden, pooled = cache.batch(
+            inputs["pair_index"].cpu(), inputs["flip"].cpu(), inputs["drop_prompt"].cpu()
+        )
+        time_ids = self._time_ids(sizes, crops) if self.is_sdxl else None
+        pooled = pooled.to(device) if pooled is not None else None
+        return parameters.to(device), hidden.to(device), pooled, time_ids
 
     def _batch_from_pixels(self, inputs: dict[str, Any]):
         pixels = torch.cat([inputs["chosen_pixel_values"], inputs["rejected_pixel_values"]])
-        parameters = self._encode_images(pixels)
-        parameters = torch.stack(parameters.chunk(2), dim=1)
+        parameters = torch.stack(self._encode_images(pixels).chunk(2), dim=1)
         hidden, pooled = self.encode_prompts(inputs["prompts"])
         time_ids = self._time_ids(inputs["original_sizes"], inputs["crop_top_lefts"]) if self.is_sdxl else None
         return parameters, hidden, pooled, time_ids
@@ -306,8 +428,7 @@ class DiffusionDPOTrainer(Trainer):
         else:
             batch = self._batch_from_pixels(inputs)
         loss, metrics = self._compute_loss(model, *batch)
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).float().mean().item())
+        self._record_metrics(mode, metrics)
         return (loss, None) if return_outputs else loss
 
     def _compute_loss(self, model, latent_parameters, hidden, pooled, time_ids):
@@ -326,34 +447,34 @@ class DiffusionDPOTrainer(Trainer):
         copies = 1 if self.args.sft else 2
         latents = latents_w if self.args.sft else torch.cat([latents_w, latents_l])
         noise, timesteps = noise.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
-        hidden = hidden.repeat(copies, 1, 1)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
+        dtype = self._input_dtype
+        noisy, hidden = noisy.to(dtype), hidden.repeat(copies, 1, 1).to(dtype)
         kwargs = {}
         if self.is_sdxl:
             kwargs["added_cond_kwargs"] = {
-                "text_embeds": pooled.repeat(copies, 1),
-                "time_ids": time_ids.repeat(copies, 1),
+                "text_embeds": pooled.repeat(copies, 1).to(dtype),
+                "time_ids": time_ids.repeat(copies, 1).to(dtype),
             }
         mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
         if self.args.sft:
             return mse.mean(), {"mse/policy_chosen": mse}
         with torch.no_grad():
-            ref_mse = per_sample_mse(self._reference_forward(model, noisy, timesteps, hidden, kwargs), target)
+            ref_mse = per_sample_mse(self._reference_forward(noisy, timesteps, hidden, kwargs), target)
         mse_w, mse_l = mse.chunk(2)
         ref_w, ref_l = ref_mse.chunk(2)
         losses, chosen_rewards, rejected_rewards = diffusion_dpo_loss(
             mse_w, mse_l, ref_w, ref_l, self.args.beta, self.args.loss_type
         )
-        margins = chosen_rewards - rejected_rewards
         metrics = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
-            "rewards/margins": margins,
-            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/accuracies": preference_accuracy(chosen_rewards, rejected_rewards),
             "mse/policy_chosen": mse_w,
             "mse/policy_rejected": mse_l,
             "mse/ref_chosen": ref_w,
@@ -361,34 +482,81 @@ class DiffusionDPOTrainer(Trainer):
         }
         return losses.mean(), metrics
 
-    def _reference_forward(self, model, noisy, timesteps, hidden, kwargs) -> torch.Tensor:
+    def _reference_forward(self, noisy, timesteps, hidden, kwargs) -> torch.Tensor:
+        """The frozen reference: the UNet with its LoRA layers off (toggled directly, without walking the whole
+        UNet), or the frozen copy under the same autocast as the policy."""
         if self.ref_unet is not None:
-            return self.ref_unet(noisy, timesteps, hidden, **kwargs).sample
-        unet = self.accelerator.unwrap_model(model)
-        unet.disable_adapters()
+            with self.accelerator.autocast():
+                return self.ref_unet(noisy, timesteps, hidden, **kwargs).sample
+        self._set_adapters(False)
         try:
-            return unet(noisy, timesteps, hidden, **kwargs).sample
+            return self.model(noisy, timesteps, hidden, **kwargs).sample
         finally:
-            unet.enable_adapters()
+            self._set_adapters(True)
+
+    def _set_adapters(self, enabled: bool) -> None:
+        """Switch the LoRA layers on or off for the reference forward. peft's ``enable_adapters`` also resets the
+        adapters' ``requires_grad`` each time (a walk over their parameters, twice a step); the reference runs
+        without gradients, so only the flag that the layers' forward reads is set."""
+        for layer in self._lora_layers:
+            layer._disable_adapters = not enabled
+
+    def _record_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+        """Gather all per-pair metrics in one collective; they stay on the device until logged."""
+        per_pair = torch.stack([value.detach().float() for value in metrics.values()], dim=1)
+        means = self.accelerator.gather_for_metrics(per_pair).mean(dim=0)
+        for name, mean in zip(metrics, means):
+            self._metrics[mode][name].append(mean)
+
+    def _clip_grad_norm(self, model):
+        """Clip the trained parameters only (a LoRA's few, not every UNet weight)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self._trainable_parameters, self.args.max_grad_norm)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Evaluation draws its latents, noise and timesteps from a fixed seed, on a forked random stream: two
+        evaluations of the same weights agree, and evaluating does not change the training run. The rewards and
+        errors join the returned metrics (so ``metric_for_best_model`` can name them)."""
+        device = self.accelerator.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed + self.args.process_index)
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        metrics = self._average_metrics("eval")
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
+
+    def _average_metrics(self, mode: str) -> dict[str, float]:
+        """The means of the metrics recorded since the last call, in one transfer from the device; then cleared."""
+        names = [name for name, values in self._metrics[mode].items() if values]
+        means = (
+            torch.stack([torch.stack(self._metrics[mode][name]).mean() for name in names]).tolist() if names else []
+        )
+        self._metrics[mode].clear()
+        return dict(zip(names, means))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        metrics = self._average_metrics(mode)
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
-        self._metrics[mode].clear()
 
-    # ---- saving --------------------------------------------------------------------------------
+    # ---- saving and loading --------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``; full: ``unet/``; plus the card.
-
-        transformers calls ``_save`` on every process; only the one that should save writes.
+        """LoRA: ``pytorch_lora_weights.safetensors`` (with its LoRA config, so ``load_lora_weights`` applies the
+        trained scaling) for ``load_lora_weights``; full: ``unet/``; plus ``training_args.bin`` (no tokens) and the
+        card. transformers calls ``_save`` on every process; only the one that should save writes.
         """
         if not self.args.should_save:
             return
@@ -400,15 +568,28 @@ class DiffusionDPOTrainer(Trainer):
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            pipeline_class.save_lora_weights(output_dir, unet_lora_layers=layers, safe_serialization=True)
+            pipeline_class.save_lora_weights(
+                output_dir,
+                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+                safe_serialization=True,
+            )
         else:
             unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
             if self.args.save_full_pipeline:
                 components = {**self.pipeline.components, "unet": unet}
                 pipeline_class(**components).save_pretrained(output_dir, safe_serialization=True)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-        self.create_model_card(output_dir=output_dir)
+        torch.save(self._args_without_tokens(), os.path.join(output_dir, "training_args.bin"))
+        is_checkpoint = Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+        self.create_model_card(output_dir=output_dir, samples=not is_checkpoint)
+
+    def _args_without_tokens(self) -> DiffusionDPOConfig:
+        """The arguments as pickled into ``training_args.bin``: every ``*_token`` field cleared."""
+        args = copy.copy(self.args)
+        for field in dataclasses.fields(args):
+            if field.name.endswith("_token"):
+                setattr(args, field.name, None)
+        return args
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         unet = self.accelerator.unwrap_model(model or self.model)
@@ -420,34 +601,103 @@ class DiffusionDPOTrainer(Trainer):
             state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
             set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
         else:
-            state = load_file(os.path.join(resume_from_checkpoint, "unet", "diffusion_pytorch_model.safetensors"))
-            unet.load_state_dict(state)
+            load_unet_weights(unet, os.path.join(resume_from_checkpoint, "unet"))
 
+    def _load_best_model(self) -> None:
+        logger.info(
+            "Loading the best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric
+        )
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    # ---- model card ----------------------------------------------------------------------------
     def create_model_card(
         self,
-        output_dir: str | None = None,
         model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags=None,
+        dataset_name: str | list[str] | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        output_dir: str | None = None,
+        samples: bool = True,
         **kwargs,
     ) -> None:
-        """Write the Hub model card (``README.md``): metadata, hyperparameters, quick start, citations."""
+        """Write the Hub model card (``README.md``) through ``ModelCardData``: license, base model (Hub ids only),
+        tags, sample grid and widget, final metrics, hyperparameters, versions and citations."""
         from fifa_hf.cards import diffusion_model_card
+        from fifa_hf.trainer import model_card
 
-        if dataset_name:
-            self.dataset_names = [dataset_name]
+        self._update_card_settings(dataset_name, tags, license)
+        if not self.is_world_process_zero():
+            return
         output_dir = output_dir or self.args.output_dir
+        widget, grid = self._card_samples(output_dir) if samples else ([], None)
+        datasets_ids = [model_card.hub_id(name) for name in self.dataset_names]
         card = diffusion_model_card(
-            base_model=self.base_model,
-            model_id=self.hub_model_id or output_dir,
+            model_id=model_name or self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name,
+            base_model=model_card.display_name(self.base_model),
+            base_model_id=model_card.hub_id(self.base_model),
             is_sdxl=self.is_sdxl,
             is_lora=self.is_lora,
-            datasets=self.dataset_names,
-            extra_tags=[*(tags or [])],
             hyperparameters=self._card_hyperparameters(),
             paper_citation=self._paper["citation"],
+            license=self._card_license or model_card.base_model_license(self.pipeline.name_or_path) or "other",
+            datasets=[d for d in datasets_ids if d],
+            local_datasets=[model_card.display_name(n) for n, d in zip(self.dataset_names, datasets_ids) if not d],
+            tags=[*self._tag_names, *self._card_tags],
+            results=model_card.training_results(self.state.log_history),
+            framework_versions=model_card.framework_versions(),
+            samples=widget,
+            sample_grid=grid,
+            fifa_subset=self.fifa_subset,
         )
         card.save(os.path.join(output_dir, "README.md"))
+
+    def _update_card_settings(self, dataset_name=None, tags=None, license=None) -> None:
+        if dataset_name:
+            self.dataset_names = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name)
+        if tags:
+            self._card_tags = [tags] if isinstance(tags, str) else list(tags)
+        if license:
+            self._card_license = license
+
+    def _card_samples(self, output_dir: str) -> tuple[list[tuple[str, str]], str | None]:
+        """Images of the fixed card prompts after training (and before: adapters off or the reference copy),
+        saved under ``samples/``; returns the widget entries and the grid's path."""
+        from fifa_hf.trainer.model_card import image_grid
+
+        prompts, steps = list(self.args.card_sample_prompts or []), self.args.card_sample_steps
+        if not prompts or steps == 0:
+            return [], None
+        unet = self.accelerator.unwrap_model(self.model)
+        after = self._sample(unet, prompts, "after training")
+        if self._before_samples is None and self.is_lora:
+            self._set_adapters(False)
+            try:
+                self._before_samples = self._sample(unet, prompts, "base model")
+            finally:
+                self._set_adapters(True)
+        elif self._before_samples is None and self.ref_unet is not None:
+            self._before_samples = self._sample(self.ref_unet, prompts, "base model")
+        directory = Path(output_dir) / "samples"
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = [self._before_samples, after] if self._before_samples else [after]
+        image_grid(rows).save(directory / "grid.jpg", quality=90)
+        for i, image in enumerate(after):
+            image.save(directory / f"{i}.jpg", quality=90)
+        return [(prompt, f"samples/{i}.jpg") for i, prompt in enumerate(prompts)], "samples/grid.jpg"
+
+    def _sample(self, unet, prompts: list[str], description: str):
+        from fifa_hf.trainer.model_card import sample_images
+
+        extra = {} if self.is_sdxl else {"requires_safety_checker": False}
+        pipeline = type(self.pipeline)(**{**self.pipeline.components, "unet": unet}, **extra)
+        pipeline.set_progress_bar_config(desc=f"Model card samples ({description})")
+        training = unet.training
+        unet.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+                return sample_images(pipeline, prompts, self.args.card_sample_steps, self.resolution, self.args.seed)
+        finally:
+            unet.train(training)
 
     def _card_hyperparameters(self) -> dict[str, Any]:
         a = self.args
@@ -456,16 +706,27 @@ class DiffusionDPOTrainer(Trainer):
             "method": "SFT" if a.sft else f"Diffusion-DPO ({a.loss_type})",
             "beta": a.beta,
             "learning_rate": a.learning_rate,
-            "lr_scheduler": str(
-                a.lr_scheduler_type.value if hasattr(a.lr_scheduler_type, "value") else a.lr_scheduler_type
-            ),
-            "optimizer": str(a.optim.value if hasattr(a.optim, "value") else a.optim),
+            "lr_scheduler": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+            "optimizer": str(getattr(a.optim, "value", a.optim)),
+            "weight_decay": a.weight_decay,
             "effective_batch_size": effective,
             "max_steps": a.max_steps,
+            "mixed_precision": "bf16" if a.bf16 else "fp16" if a.fp16 else "no",
             "resolution": self.resolution,
             "proportion_empty_prompts": a.proportion_empty_prompts,
             "training": "LoRA" if self.is_lora else "full UNet",
+            **(
+                {"lora_r": self._lora_config().r, "lora_alpha": self._lora_config().lora_alpha} if self.is_lora else {}
+            ),
         }
+
+    def _lora_config(self):
+        return self.accelerator.unwrap_model(self.model).peft_config["default"]
+
+    # ---- Hub -----------------------------------------------------------------------------------
+    def _published_files(self, folder: str | os.PathLike) -> list[Path]:
+        folder = Path(folder)
+        return sorted({path for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()})
 
     def push_to_hub(
         self,
@@ -473,24 +734,73 @@ class DiffusionDPOTrainer(Trainer):
         blocking: bool = True,
         token: str | None = None,
         revision: str | None = None,
+        private: bool | None = None,
         **kwargs,
-    ) -> str | None:
-        """Save the weights and the card, then commit them (never checkpoints or logs) to ``hub_model_id``."""
+    ):
+        """Save the weights and the card, then commit them (never checkpoints, logs or ``training_args.bin``) to
+        ``hub_model_id``. ``kwargs`` (``dataset_name``, ``tags``, ``license``) go to the model card."""
         from fifa_hf.hub import upload_files
 
-        if kwargs.get("dataset_name"):
-            self.dataset_names = [kwargs["dataset_name"]]
+        token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
-            self.init_hf_repo(token=token)
-        self.save_model()
+            self.init_hf_repo(token=token, private=private)
+        self._update_card_settings(kwargs.get("dataset_name"), kwargs.get("tags"), kwargs.get("license"))
+        self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        return upload_files(
+        self._finish_current_push()
+        commit = functools.partial(
+            upload_files,
             self.args.output_dir,
             self.hub_model_id,
             "model",
             MODEL_FILE_PATTERNS,
             commit_message,
+            private=bool(private if private is not None else self.args.hub_private_repo),
             token=token,
-            revision=revision,
+            revision=revision or self.args.hub_revision,
         )
+        return commit() if blocking else HfApi().run_as_future(commit)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """With ``hub_strategy`` other than ``end``: commit each checkpoint's weights and card (copied to
+        ``output_dir``, as transformers does), plus the whole checkpoint folder for ``checkpoint`` strategies."""
+        from fifa_hf.hub import upload_files
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        output_dir = Path(self.args.output_dir)
+        for path in self._published_files(checkpoint_folder):
+            target = output_dir / path.relative_to(checkpoint_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch)}"
+        api, token, revision = HfApi(), self.args.hub_token, self.args.hub_revision
+        jobs = [
+            api.run_as_future(
+                upload_files, output_dir, self.hub_model_id, "model", MODEL_FILE_PATTERNS, message,
+                token=token, revision=revision,
+            )
+        ]  # fmt: skip
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else None
+            jobs.append(
+                api.upload_folder(
+                    repo_id=self.hub_model_id,
+                    folder_path=checkpoint_folder,
+                    path_in_repo=path_in_repo or Path(checkpoint_folder).name,
+                    commit_message=f"{message}, checkpoint",
+                    token=token,
+                    revision=revision,
+                    run_as_future=True,
+                )
+            )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)

@@ -1,0 +1,69 @@
+import io
+
+import torch
+from PIL import Image
+
+from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def asymmetric_image(width: int = 48, height: int = 40) -> Image.Image:
+    """Left half dark, right half bright, a gradient from top to bottom: any flip or crop shows."""
+    pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+    pixels[:, width // 2 :] = 200
+    pixels += torch.arange(height, dtype=torch.uint8).view(-1, 1, 1)
+    return Image.fromarray(pixels.numpy())
+
+
+def rows(count: int, prompt: str = "a red circle") -> list[dict]:
+    image = png(asymmetric_image())
+    return [{"prompt": prompt, "chosen": image, "rejected": image, "pair_index": i} for i in range(count)]
+
+
+def test_both_images_of_a_pair_get_the_same_crop_and_flip():
+    collator = DiffusionDPOCollator(resolution=32, random_crop=True, hflip=True, seed=3)
+    batch = collator(rows(16))
+    assert torch.equal(batch["chosen_pixel_values"], batch["rejected_pixel_values"])
+    flipped = batch["chosen_pixel_values"][:, 0, 0, 0] > 0  # the bright half moved to the left
+    assert 0 < flipped.sum() < 16
+    crops = {tuple(crop) for crop in batch["crop_top_lefts"].tolist()}
+    assert len(crops) > 1 and batch["original_sizes"].tolist()[0] == [40, 48]
+
+
+def test_caption_dropout_empties_about_the_asked_fraction_of_prompts():
+    halves = DiffusionDPOCollator(resolution=32, proportion_empty_prompts=0.5), CachedPairCollator(True, 0.5)
+    for collator in halves:
+        batch = collator(rows(64))
+        dropped = [p == "" for p in batch["prompts"]] if "prompts" in batch else batch["drop_prompt"].tolist()
+        assert 16 < sum(dropped) < 48
+    everything = DiffusionDPOCollator(resolution=32, proportion_empty_prompts=1.0)(rows(4))
+    assert everything["prompts"] == [""] * 4
+    assert DiffusionDPOCollator(resolution=32)(rows(4))["prompts"] == ["a red circle"] * 4
+
+
+def test_the_evaluation_collator_is_deterministic():
+    collator = DiffusionDPOCollator(resolution=32, hflip=False)
+    first, second = collator(rows(8)), collator(rows(8))
+    collator.epoch = 5
+    assert torch.equal(first["chosen_pixel_values"], second["chosen_pixel_values"])
+    assert torch.equal(first["chosen_pixel_values"], collator(rows(8))["chosen_pixel_values"])
+    assert (first["chosen_pixel_values"][:, 0, 0, 0] < 0).all()  # never flipped
+
+
+def test_persistent_dataloader_workers_see_each_new_epoch():
+    collator = DiffusionDPOCollator(resolution=32, random_crop=True, seed=0)
+    loader = torch.utils.data.DataLoader(
+        rows(8), batch_size=8, collate_fn=collator, num_workers=1, persistent_workers=True
+    )
+    batches = []
+    for epoch in range(2):
+        collator.epoch = epoch  # what the trainer's callback does at each epoch's start
+        batches.append(next(iter(loader)))
+    assert not torch.equal(batches[0]["chosen_pixel_values"], batches[1]["chosen_pixel_values"])
+    collator.epoch = 0
+    assert torch.equal(next(iter(loader))["chosen_pixel_values"], batches[0]["chosen_pixel_values"])
