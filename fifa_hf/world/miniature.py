@@ -59,7 +59,7 @@ ARMS = ("base", "full", "random", "margin", "qsd", "fifa", "setwise", "oracle")
 CONTROL_ARMS = ("base", "oracle", "shuffled_oracle")
 DATA_ARMS = ("full", "oracle", "shuffled_oracle")  # every other trained arm is a selection method's name
 SPLIT_SEEDS = {"validation": 1, "test": 2}
-SUBSETS_FORMAT = 2  # bumped whenever the way subsets are derived changes, so older world files are redone
+SUBSETS_FORMAT = 3  # bumped whenever the way subsets are derived changes, so older world files are redone
 
 
 @dataclass(frozen=True)
@@ -221,20 +221,26 @@ def oracle_row_ids(rows: datasets.Dataset, count: int) -> np.ndarray:
 
 
 def subset_composition(rows: datasets.Dataset, row_ids: np.ndarray, swapped: np.ndarray | None = None) -> dict:
-    """What a subset teaches, judged against the truth: label agreement, true gap, junk, unsafe, harm taught."""
+    """What a subset teaches, judged against the truth: label agreement, true gap, junk and unsafe shares, and
+    the share of pairs whose chosen image shows the harm marker and whose rejected image does not."""
     row_ids = np.asarray(row_ids, dtype=np.int64)
     chosen, rejected = pair_truth(rows)
     chosen, rejected = chosen[row_ids], rejected[row_ids]
     if swapped is not None:
         chosen, rejected = np.where(swapped, rejected, chosen), np.where(swapped, chosen, rejected)
     kinds = np.asarray(rows["prompt_kind"])[row_ids]
+    chosen_is_0 = (np.asarray(rows["label_0"]) == 1.0)[row_ids]
+    if swapped is not None:
+        chosen_is_0 = chosen_is_0 != swapped
+    harm_0, harm_1 = np.asarray(rows["harm_0"])[row_ids], np.asarray(rows["harm_1"])[row_ids]
+    teaches_harm = np.where(chosen_is_0, harm_0 & ~harm_1, harm_1 & ~harm_0)
     return {
         "pairs": len(row_ids),
         "agreement": float(np.mean(np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0)))),
         "true_gap": float(np.mean(chosen - rejected)),
         "junk_share": float(np.mean(kinds == "junk")),
         "unsafe_share": float(np.mean(kinds == "unsafe")),
-        "teaches_harm_share": float(np.mean(chosen - rejected < -0.5)),
+        "teaches_harm_share": float(np.mean(teaches_harm)),
         "distinct_prompts": int(len(set(np.asarray(rows["caption"])[row_ids]))),
     }
 

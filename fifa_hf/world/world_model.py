@@ -2,15 +2,18 @@
 
 The model is a real ``StableDiffusionPipeline``: a CLIP text encoder (with a CLIP BPE tokenizer whose
 merges spell the world's words, the unsafe and junk ones included), an ``AutoencoderKL`` (32 px images,
-16x16x4 latents) and a ``UNet2DConditionModel`` (1.7M parameters; cross-attention at 8x8 and 4x4).
+16x16x4 latents) and a ``UNet2DConditionModel`` (1.7M parameters; cross-attention at 8x8 and 4x4, and the pooled prompt added
+to the timestep embedding, so every block sees the prompt).
 
 Pre-training draws its (prompt, image) pairs the way the synthetic Pick-a-Pic draws its images
 (``docs/world.md``): the world's mix of clean, junk and unsafe prompts; each image keeps each attribute
 of its prompt with a probability drawn from U(0.2, 1); an image for an unsafe prompt shows the harm
 marker with the world's probability (0.5). So the base model follows prompts only partly and draws the
 marker for about half its unsafe samples, and preference alignment has room to raise fidelity and to
-move the harm rate either way. It fits the VAE, then the UNet and text encoder (with an exponential
-moving average of their weights, which are the ones saved). The weights (a few MB) ship in
+move the harm rate either way. It fits the VAE, then the UNet (with an exponential moving average of its
+weights, which are the ones saved). The text encoder stays at its seeded random initialisation: trained
+jointly from scratch, it collapsed to nearly the same output for every prompt before the UNet learned to
+read it (measured on the first pre-training run), while random features keep every prompt distinct. The weights (a few MB) ship in
 ``fifa_hf/resources/world_model``:
 
     python -m fifa_hf.world.world_model --output_dir fifa_hf/resources/world_model
@@ -114,6 +117,7 @@ def build_world_pipeline(seed: int = 0):
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        addition_embed_type="text", addition_embed_type_num_heads=4,
     )  # fmt: skip
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -174,10 +178,10 @@ def pretrain(
     max_seconds: float | None = None,
     bf16: bool = False,
 ) -> dict[str, float]:
-    """Fit the VAE on the pre-training renders, then the UNet and text encoder on (prompt, render) pairs.
+    """Fit the VAE on the pre-training renders, then the UNet on (prompt, render) pairs.
 
     ``vae_steps=0`` keeps the pipeline's VAE (to continue the pre-training of a saved pipeline); ``bf16``
-    runs the UNet and text encoder under bf16 autocast (GPU).
+    runs the UNet under bf16 autocast (GPU).
 
     With ``max_seconds``, the UNet phase's length is set after its warm-up so that pre-training ends within
     the budget (the cosine schedule is fitted to it); the steps taken are in the returned log. The pipeline ends on the CPU with the EMA weights.
@@ -235,8 +239,8 @@ def pretrain(
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     alphas = noise_scheduler.alphas_cumprod.to(device)
     unet.to(device).train()
-    text_encoder.to(device).train()
-    trained = [*unet.parameters(), *text_encoder.parameters()]
+    text_encoder.to(device).requires_grad_(False).eval()
+    trained = list(unet.parameters())
     ema = [p.detach().clone() for p in trained]
     optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=1e-2)
     total, warmup = [unet_steps], max(1, unet_steps // 50)
@@ -249,7 +253,7 @@ def pretrain(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     unet_start = time.perf_counter()
-    bar = tqdm(range(unet_steps), desc="pre-training the UNet and text encoder", mininterval=10)
+    bar = tqdm(range(unet_steps), desc="pre-training the UNet", mininterval=10)
     for step in bar:
         if step == warmup and max_seconds is not None:
             per_step = (time.perf_counter() - unet_start) / warmup
@@ -265,7 +269,9 @@ def pretrain(
         alpha = alphas[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            prediction = unet(noisy, timesteps, text_encoder(tokens)[0]).sample
+            with torch.no_grad():
+                hidden = text_encoder(tokens)[0]
+            prediction = unet(noisy, timesteps, hidden).sample
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -281,7 +287,6 @@ def pretrain(
         for parameter, average in zip(trained, ema):
             parameter.copy_(average)
     unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
     pipeline.to("cpu")
     log["seconds"] = time.perf_counter() - start
     return log
@@ -308,19 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=1, help="Processes that render the pre-training set.")
     parser.add_argument("--max_seconds", type=float, default=None, help="Fit pre-training into this many seconds.")
     parser.add_argument("--ema_decay", type=float, default=0.999)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet and text encoder (GPU).")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet (GPU).")
     parser.add_argument(
-        "--init_from", default=None, help="Continue the pre-training of this saved pipeline (with --vae_steps 0)."
+        "--init_from",
+        default=None,
+        help="Start from this saved pipeline: its VAE (with --vae_steps 0) and every UNet weight that still fits.",
     )
     args = parser.parse_args(argv)
+    pipeline = build_world_pipeline(args.seed)
     if args.init_from:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        pipeline = StableDiffusionPipeline.from_pretrained(args.init_from)
-        pipeline.unet.train().requires_grad_(True)
-        pipeline.text_encoder.train().requires_grad_(True)
-    else:
-        pipeline = build_world_pipeline(args.seed)
+        pipeline.vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
+        earlier = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet").state_dict()
+        pipeline.unet.load_state_dict(earlier, strict=False)  # new modules (e.g. the text embedding) start fresh
     log = pretrain(
         pipeline, args.num_images, args.vae_steps, args.unet_steps, args.batch_size, args.learning_rate,
         args.ema_decay, seed=args.seed, device=args.device, processes=args.processes, max_seconds=args.max_seconds,
