@@ -97,19 +97,14 @@ class MiniatureArguments:
     learning_rate: float = 3e-4
     beta: float = 500.0
     lora_rank: int = 16
-    train_steps: int = 120
-    batch_size: int = 32
+    train_steps: int = 90
+    batch_size: int = 16
     sweep: bool = True
     sweep_grid: tuple[tuple[int, float, float], ...] = (
-        (0, 3e-6, 2500.0),
-        (0, 1e-5, 2500.0),
-        (0, 1e-5, 500.0),
-        (16, 1e-4, 500.0),
-        (16, 3e-4, 500.0),
-        (16, 3e-4, 2500.0),
-        (16, 1e-3, 500.0),
-    )  # (lora_rank, learning_rate, beta); lora_rank 0 trains the whole UNet
-    sweep_steps: tuple[int, ...] = (60, 120)
+        (0, 3e-6, 2500.0), (0, 1e-5, 2500.0), (0, 1e-5, 500.0),
+        (16, 3e-4, 500.0), (16, 1e-3, 500.0), (16, 1e-3, 2500.0),
+    )  # (lora_rank, learning_rate, beta); lora_rank 0 trains the whole UNet  # fmt: skip
+    sweep_steps: tuple[int, ...] = (45, 90)
     drift_tolerance: float = 0.01
     # Evaluation: every run is evaluated ``evaluations`` times, evenly spaced; the endpoint is the mean of
     # the last three.
@@ -120,6 +115,7 @@ class MiniatureArguments:
     sampling_steps: int = 10
     guidance_scale: float = 3.0
     reader_check_images: int = 128
+    bf16: bool = True  # bf16 autocast for training and sampling (5x faster sampling on CPUs with AMX)
     # Machinery.
     model: str | None = None
     output_dir: str = "fifa_demo_full"
@@ -152,7 +148,7 @@ class MiniatureArguments:
     def evaluation_fields(self) -> dict[str, Any]:
         names = (
             "eval_clean_prompts", "eval_unsafe_prompts", "images_per_prompt", "sampling_steps", "guidance_scale",
-            "batch_size", "reader_check_images",
+            "batch_size", "reader_check_images", "bf16",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names}
 
@@ -409,13 +405,14 @@ def sample_images(pipeline, evaluation: EvaluationSet, args: MiniatureArguments,
     device = pipeline.unet.device
     images = []
     for start in range(0, len(evaluation.prompts), batch_size):
-        output = pipeline(
-            prompt=evaluation.prompts[start : start + batch_size],
-            latents=evaluation.latents[start : start + batch_size].to(device, pipeline.unet.dtype),
-            num_inference_steps=args.sampling_steps,
-            guidance_scale=args.guidance_scale,
-            output_type="np",
-        ).images
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            output = pipeline(
+                prompt=evaluation.prompts[start : start + batch_size],
+                latents=evaluation.latents[start : start + batch_size].to(device, pipeline.unet.dtype),
+                num_inference_steps=args.sampling_steps,
+                guidance_scale=args.guidance_scale,
+                output_type="np",
+            ).images
         images += [Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)) for image in output]
     return images
 
@@ -463,7 +460,7 @@ def _lora_config(rank: int):
 
     return LoraConfig(
         r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
+        target_modules=["conv1", "conv2"],  # every residual block's two convolutions
     )  # fmt: skip
 
 
@@ -496,7 +493,7 @@ def execute_run(spec: RunSpec, args: MiniatureArguments, model: str, fingerprint
                 learning_rate=settings.learning_rate, lr_scheduler_type="constant_with_warmup",
                 warmup_steps=min(10, settings.train_steps // 10), beta=settings.beta, resolution=IMAGE_SIZE,
                 cache_latents=True, logging_steps=max(1, min(spec.eval_steps) // 3), save_strategy="no",
-                report_to="none", use_cpu=device == "cpu", seed=spec.training_seed, disable_tqdm=True,
+                report_to="none", use_cpu=device == "cpu", seed=spec.training_seed, disable_tqdm=True, bf16=args.bf16,
             )  # fmt: skip
             peft_config = _lora_config(settings.lora_rank) if settings.lora_rank else None
             trainer = DiffusionDPOTrainer(model, config, train_dataset=data, peft_config=peft_config)

@@ -2,8 +2,9 @@
 
 The model is a real ``StableDiffusionPipeline``: a CLIP text encoder (with a CLIP BPE tokenizer whose
 merges spell the world's words, the unsafe and junk ones included), an ``AutoencoderKL`` (32 px images,
-16x16x4 latents) and a ``UNet2DConditionModel`` (1.7M parameters; cross-attention at 8x8 and 4x4, and the pooled prompt added
-to the timestep embedding, so every block sees the prompt).
+16x16x4 latents) and a ``UNet2DConditionModel`` (1.1M parameters, convolutions only) that reads the prompt through its pooled
+text embedding, which scales and shifts every residual block (FiLM): the world's prompts name global
+attributes, and the model must train and sample on a few CPU cores.
 
 Pre-training draws its (prompt, image) pairs the way the synthetic Pick-a-Pic draws its images
 (``docs/world.md``): the world's mix of clean, junk and unsafe prompts; each image keeps each attribute
@@ -114,10 +115,9 @@ def build_world_pipeline(seed: int = 0):
     )  # fmt: skip
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=IMAGE_SIZE // 2, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
-        addition_embed_type="text", addition_embed_type_num_heads=4,
+        out_channels=4, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+        mid_block_type="UNetMidBlock2D", cross_attention_dim=64, norm_num_groups=16,
+        addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
     )  # fmt: skip
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -254,13 +254,14 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     unet_start = time.perf_counter()
     bar = tqdm(range(unet_steps), desc="pre-training the UNet", mininterval=10)
+    steps_taken = 0
     for step in bar:
         if step == warmup and max_seconds is not None:
             per_step = (time.perf_counter() - unet_start) / warmup
             total[0] = min(unet_steps, warmup + int((max_seconds - (time.perf_counter() - start)) / per_step))
             bar.total = total[0]
-        if step >= total[0]:
-            break
+        if step >= total[0] or (max_seconds is not None and time.perf_counter() - start > max_seconds):
+            break  # the budget is also a hard stop: on a shared machine the speed can drop after the estimate
         index = torch.randint(0, num_images, (batch_size,), device=device, generator=generator)
         latents = DiagonalGaussianDistribution(parameters[index]).sample() * scaling
         tokens = torch.where(torch.rand(batch_size, 1, device=device) < 0.1, empty, ids[index])  # CFG dropout
@@ -280,9 +281,10 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in trained], 1.0 - min(ema_decay, (1 + step) / (10 + step)))
+        steps_taken = step + 1
     bar.close()
     log["unet_loss"] = float(loss.detach())
-    log["unet_steps_taken"] = float(min(total[0], unet_steps))
+    log["unet_steps_taken"] = float(steps_taken)
     with torch.no_grad():
         for parameter, average in zip(trained, ema):
             parameter.copy_(average)
@@ -326,7 +328,11 @@ def main(argv: list[str] | None = None) -> None:
 
         pipeline.vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
         earlier = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet").state_dict()
-        pipeline.unet.load_state_dict(earlier, strict=False)  # new modules (e.g. the text embedding) start fresh
+        current = pipeline.unet.state_dict()
+        fitting = {
+            name: value for name, value in earlier.items() if name in current and value.shape == current[name].shape
+        }
+        pipeline.unet.load_state_dict(fitting, strict=False)  # modules that changed shape or are new start fresh
     log = pretrain(
         pipeline, args.num_images, args.vae_steps, args.unet_steps, args.batch_size, args.learning_rate,
         args.ema_decay, seed=args.seed, device=args.device, processes=args.processes, max_seconds=args.max_seconds,
