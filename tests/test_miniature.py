@@ -82,35 +82,37 @@ def test_blocked_interval_averages_training_seeds_within_a_world_first():
     half = 4.302652729911275 * world_means.std(ddof=1) / np.sqrt(3)  # t(0.975, df = 2)
     assert interval["worlds"] == 3 and interval["mean"] == pytest.approx(world_means.mean())
     assert interval["ci_high"] - interval["mean"] == pytest.approx(half)
-    assert minimum_detectable_difference(interval["sd"], 3) > 2 * half  # 80% power needs more than the CI
+    detectable = (4.302652729911275 + 1.0606601717798212) * interval["sd"] / np.sqrt(3)  # + t(0.8, df = 2)
+    assert minimum_detectable_difference(interval["sd"], 3) == pytest.approx(detectable)
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Three runs of one block (base, oracle, shuffled oracle) with an untrained world model."""
+    """Two runs of one block (base, shuffled oracle) with an untrained world model."""
     root = tmp_path_factory.mktemp("miniature")
     model = root / "world"
     build_world_pipeline(seed=0).save_pretrained(model)
     args = MiniatureArguments(
         num_pairs=120, batch_size=2, eval_clean_prompts=4, eval_unsafe_prompts=2, sampling_steps=2,
-        reader_check_images=4, world_seeds=(7,), training_seeds=(0,), arms=("base", "oracle", "shuffled_oracle"),
+        reader_check_images=4, world_seeds=(7,), training_seeds=(0,), arms=("base", "shuffled_oracle"),
         model=str(model), output_dir=str(root / "out"),
     )  # fmt: skip
-    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=4, train_steps=3)
+    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=4, train_steps=2)
     specs = [
         RunSpec("main", "base", 7, 0, "test", None, (0,), samples=True),
-        *(RunSpec("main", arm, 7, 0, "test", settings, (1, 2, 3), samples=True) for arm in args.arms[1:]),
+        RunSpec("main", "shuffled_oracle", 7, 0, "test", settings, (1, 2), samples=True),
     ]
     return args, specs, run_all(specs, args, "tiny")
 
 
 def test_every_run_writes_its_curve_drift_and_reader_check(tiny_runs):
     args, specs, results = tiny_runs
-    base, oracle, shuffled = results
+    base, shuffled = results
     assert [entry["step"] for entry in base["curve"]] == [0]
-    assert [entry["step"] for entry in oracle["curve"]] == [1, 2, 3]
-    assert oracle["train_pairs"] == shuffled["train_pairs"] == 12  # K = 10% of the usable pairs
-    assert oracle["drift"] and oracle["reader_agreement"]["n"] == 4
+    assert [entry["step"] for entry in shuffled["curve"]] == [1, 2]
+    assert shuffled["train_pairs"] == 12  # K = 10% of the usable pairs
+    assert shuffled["drift"] and shuffled["reader_agreement"]["n"] == 4
+    assert (Path(args.output_dir) / "samples" / "main" / "shuffled_oracle-w7-s0.png").exists()
     for result in results:
         assert set(result["curve"][-1]) >= {"true_reward", "attributes", "harm_rate", "truth"}
 
@@ -127,19 +129,18 @@ def test_the_shuffled_oracle_keeps_the_oracles_pairs_with_half_the_labels_swappe
 
 def test_a_rerun_skips_finished_runs_and_redoes_missing_and_stale_ones(tiny_runs):
     args, specs, results = tiny_runs
-    files = sorted((Path(args.output_dir) / "runs" / "main").glob("*.json"))
-    before = {f.name: f.stat().st_mtime_ns for f in files}
-    files[0].unlink()
+    runs = Path(args.output_dir) / "runs" / "main"
+    base, trained = runs / "base-w7-s0.json", runs / "shuffled_oracle-w7-s0.json"
+    before = {f.name: f.stat().st_mtime_ns for f in runs.glob("*.json")}
+    base.unlink()
     again = run_all(specs, args, "tiny")
-    after = {f.name: f.stat().st_mtime_ns for f in sorted((Path(args.output_dir) / "runs" / "main").glob("*.json"))}
-    assert after.keys() == before.keys() and after[files[0].name] != before[files[0].name]
-    assert all(after[name] == before[name] for name in before if name != files[0].name)
-    assert [r["curve"] for r in again[1:]] == [r["curve"] for r in results[1:]]
-    stale = json.loads(files[1].read_text())
+    assert trained.stat().st_mtime_ns == before[trained.name]  # finished: skipped
+    assert base.stat().st_mtime_ns != before[base.name] and again[0]["curve"] == results[0]["curve"]
+    stale = json.loads(base.read_text())
     stale["fingerprint"] = "changed inputs"
-    files[1].write_text(json.dumps(stale))
+    base.write_text(json.dumps(stale))
     run_all(specs, args, "tiny")
-    assert json.loads(files[1].read_text())["fingerprint"] != "changed inputs"
+    assert json.loads(base.read_text())["fingerprint"] == results[0]["fingerprint"]
 
 
 def test_the_report_writes_results_json_in_the_published_shape(tiny_runs):
@@ -154,11 +155,10 @@ def test_the_report_writes_results_json_in_the_published_shape(tiny_runs):
         entry = saved["arms"][arm]
         assert entry["runs"] == 1 and isinstance(entry["harm_rate"], float)
         assert set(entry["final"]) >= {"mean", "ci_low", "ci_high"} and set(entry["vs_random"]) >= {"mean", "ci_low"}
-    assert written["arms"]["oracle"]["final"]["mean"] == pytest.approx(
-        np.mean([e["true_reward"] for e in results[1]["curve"]])
-    )
+    endpoint = np.mean([e["true_reward"] for e in results[1]["curve"]])  # the last (here: all) evaluations
+    assert written["arms"]["shuffled_oracle"]["final"]["mean"] == pytest.approx(endpoint)
     report = (Path(args.output_dir) / "report.md").read_text()
-    assert "| oracle | 1 |" in report and "/work" not in report and "/tmp" not in report
+    assert "| shuffled_oracle | 1 |" in report and str(args.output_dir) not in report
 
 
 def test_the_shipped_world_model_loads_as_a_stable_diffusion_pipeline():

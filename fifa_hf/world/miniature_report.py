@@ -306,9 +306,13 @@ def _arm_rows(arms: dict[str, dict]) -> str:
     ]
     for arm, e in arms.items():
         reach = e.get("images_to_full_final")
+        versus = {
+            other: "-" if arm == other else _fmt(e[f"vs_{other}"], True) for other in ("random", "margin", "base")
+        }
+        harm = "-" if arm == "base" else _fmt(e["harm_vs_base"], True)
         lines.append(
-            f"| {arm} | {e['runs']} | {_fmt(e['final'])} | {_fmt(e['vs_random'], True)} | {_fmt(e['vs_margin'], True)} "
-            f"| {_fmt(e['vs_base'], True)} | {e['harm_rate']:.3f} | {_fmt(e['harm_vs_base'], True)} "
+            f"| {arm} | {e['runs']} | {_fmt(e['final'])} | {versus['random']} | {versus['margin']} "
+            f"| {versus['base']} | {e['harm_rate']:.3f} | {harm} "
             f"| {e['truth']['mean']:.3f} | {'-' if arm == 'base' else ('never' if reach is None else reach)} |"
         )
     return "\n".join(lines)
@@ -413,7 +417,7 @@ learning rate after warm-up), {"chosen by the pre-registered rule on the full ar
 
 {len(args.world_seeds)} test worlds x {len(args.training_seeds)} training seeds; every run evaluated at steps
 {steps} on {args.eval_clean_prompts} clean and
-{args.eval_unsafe_prompts} unsafe held-out prompts x {args.images_per_prompt} images (common random numbers).
+{args.eval_unsafe_prompts} unsafe held-out prompts, {args.images_per_prompt} image(s) each (common random numbers).
 Endpoint: mean true reward over the last three evaluations (clean prompts). Intervals: 95%, t over world-seed
 means of the paired differences. Minimum detectable difference vs random (80% power, median over arms):
 **{mdd:.3f}**.

@@ -2,9 +2,8 @@
 
 The model is a real ``StableDiffusionPipeline``: a CLIP text encoder (with a CLIP BPE tokenizer whose
 merges spell the world's words, the unsafe and junk ones included), an ``AutoencoderKL`` (32 px images,
-16x16x4 latents) and a ``UNet2DConditionModel`` (1.1M parameters, convolutions only) that reads the prompt through its pooled
-text embedding, which scales and shifts every residual block (FiLM): the world's prompts name global
-attributes, and the model must train and sample on a few CPU cores.
+16x16x4 latents) and a ``UNet2DConditionModel`` (1.8M parameters) that reads the prompt by cross-attention at 8x8 and 4x4 and
+through its pooled embedding, added to the timestep embedding of every residual block.
 
 Pre-training draws its (prompt, image) pairs the way the synthetic Pick-a-Pic draws its images
 (``docs/world.md``): the world's mix of clean, junk and unsafe prompts; each image keeps each attribute
@@ -12,9 +11,9 @@ of its prompt with a probability drawn from U(0.2, 1); an image for an unsafe pr
 marker with the world's probability (0.5). So the base model follows prompts only partly and draws the
 marker for about half its unsafe samples, and preference alignment has room to raise fidelity and to
 move the harm rate either way. It fits the VAE, then the UNet (with an exponential moving average of its
-weights, which are the ones saved). The text encoder stays at its seeded random initialisation: trained
-jointly from scratch, it collapsed to nearly the same output for every prompt before the UNet learned to
-read it (measured on the first pre-training run), while random features keep every prompt distinct. The weights (a few MB) ship in
+weights, which are the ones saved). The text encoder is frozen: trained jointly from scratch, it
+collapsed towards one output for every prompt before the UNet learned to read it (measured on the first
+pre-training run); frozen, what distinguishes the prompts stays for the UNet to learn. The weights (a few MB) ship in
 ``fifa_hf/resources/world_model``:
 
     python -m fifa_hf.world.world_model --output_dir fifa_hf/resources/world_model
@@ -55,6 +54,7 @@ IMAGE_SIZE = 32
 MAX_TOKENS = 24
 # The world's prompt mix (docs/world.md): clean, junk, unsafe.
 PROMPT_MIX = {"clean": 0.85, "junk": 0.10, "unsafe": 0.05}
+MIN_SNR_GAMMA = 5.0
 
 
 def world_vocabulary() -> list[str]:
@@ -115,10 +115,14 @@ def build_world_pipeline(seed: int = 0):
     )  # fmt: skip
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=IMAGE_SIZE // 2, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
-        mid_block_type="UNetMidBlock2D", cross_attention_dim=64, norm_num_groups=16,
-        addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        addition_embed_type="text", addition_embed_type_num_heads=4,
     )  # fmt: skip
+    # The pooled prompt is added to the timestep embedding, starting at zero: it leaves a UNet loaded from an
+    # earlier pre-training unchanged until it learns to say something.
+    torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
@@ -229,9 +233,22 @@ def pretrain(
         scaling = float(1.0 / parameters[:, :4].std()) if vae_steps else vae.config.scaling_factor
     vae.register_to_config(scaling_factor=scaling)
     del images_on_device
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    ids = ids.input_ids.to(device)
-    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids.to(device)
+    # The text encoder is frozen, so each distinct prompt (the empty one, for guidance, first) is encoded once.
+    unique = ["", *dict.fromkeys(prompts)]
+    position = {prompt: i for i, prompt in enumerate(unique)}
+    prompt_index = torch.tensor([position[p] for p in prompts], device=device)
+    text_encoder.to(device).requires_grad_(False).eval()
+    with torch.no_grad():
+        embeddings = torch.cat(
+            [
+                text_encoder(
+                    tokenizer(
+                        unique[i : i + 1024], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt"
+                    ).input_ids.to(device)
+                )[0]
+                for i in range(0, len(unique), 1024)
+            ]
+        )
     log["vae_seconds"] = time.perf_counter() - start
 
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -239,7 +256,6 @@ def pretrain(
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     alphas = noise_scheduler.alphas_cumprod.to(device)
     unet.to(device).train()
-    text_encoder.to(device).requires_grad_(False).eval()
     trained = list(unet.parameters())
     ema = [p.detach().clone() for p in trained]
     optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=1e-2)
@@ -264,16 +280,19 @@ def pretrain(
             break  # the budget is also a hard stop: on a shared machine the speed can drop after the estimate
         index = torch.randint(0, num_images, (batch_size,), device=device, generator=generator)
         latents = DiagonalGaussianDistribution(parameters[index]).sample() * scaling
-        tokens = torch.where(torch.rand(batch_size, 1, device=device) < 0.1, empty, ids[index])  # CFG dropout
+        dropped = torch.rand(batch_size, device=device) < 0.1  # the empty prompt, for classifier-free guidance
+        hidden = embeddings[torch.where(dropped, 0, prompt_index[index])]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=device)
         alpha = alphas[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                hidden = text_encoder(tokens)[0]
             prediction = unet(noisy, timesteps, hidden).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        # Min-SNR-5 weighting (Hang et al., 2023): noisier steps, where the prompt decides what is drawn,
+        # count more than the plain noise-prediction loss lets them.
+        snr = (alpha / (1 - alpha)).flatten()
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+        loss = (weight * (prediction.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
@@ -319,14 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--init_from",
         default=None,
-        help="Start from this saved pipeline: its VAE (with --vae_steps 0) and every UNet weight that still fits.",
+        help="Start from this saved pipeline: its VAE (with --vae_steps 0), text encoder and every UNet weight that fits.",
     )
     args = parser.parse_args(argv)
     pipeline = build_world_pipeline(args.seed)
     if args.init_from:
         from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
 
         pipeline.vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
+        pipeline.text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
         earlier = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet").state_dict()
         current = pipeline.unet.state_dict()
         fitting = {
