@@ -716,6 +716,9 @@ def run_stage0(args: MiniatureArguments) -> dict[str, Any]:
     """Stage 0: choose the Diffusion-DPO settings (or take the pre-registered ones), run the controls, and
     measure every gate. Written to ``stage0.json``."""
     output_dir = Path(args.output_dir)
+    # The base model's evaluations come first: they decide two gates and need no training.
+    base_specs = [spec for spec in control_specs(args, args.settings) if spec.arm == "base"]
+    run_all(base_specs, args, "stage 0: the base model")
     sweep_results, table = [], []
     if args.sweep:
         sweep_results = run_all(sweep_specs(args), args, "stage 0: Diffusion-DPO settings on the full arm")
