@@ -19,7 +19,6 @@ from fifa_hf.world.synthetic import JUNK_WORDS, UNSAFE_SUFFIXES, Attributes, des
 from fifa_hf.world.true_reward import read_attributes
 from fifa_hf.world.world_model import (
     IMAGE_SIZE,
-    build_world_pipeline,
     pretraining_set,
     shipped_world_model,
     world_tokenizer,
@@ -88,16 +87,14 @@ def test_blocked_interval_averages_training_seeds_within_a_world_first():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Two runs of one block (base, shuffled oracle) with an untrained world model."""
+    """Two runs of one block (base, shuffled oracle) of the shipped world model, on a tiny budget."""
     root = tmp_path_factory.mktemp("miniature")
-    model = root / "world"
-    build_world_pipeline(seed=0).save_pretrained(model)
     args = MiniatureArguments(
-        num_pairs=120, batch_size=2, eval_clean_prompts=4, eval_unsafe_prompts=2, sampling_steps=2,
-        reader_check_images=4, world_seeds=(7,), training_seeds=(0,), arms=("base", "shuffled_oracle"),
-        model=str(model), output_dir=str(root / "out"),
+        num_pairs=120, batch_size=2, eval_clean_prompts=2, eval_unsafe_prompts=1, sampling_steps=1,
+        reader_check_images=2, world_seeds=(7,), training_seeds=(0,), arms=("base", "shuffled_oracle"),
+        output_dir=str(root / "out"),
     )  # fmt: skip
-    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=4, train_steps=2)
+    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=0, train_steps=2)
     specs = [
         RunSpec("main", "base", 7, 0, "test", None, (0,), samples=True),
         RunSpec("main", "shuffled_oracle", 7, 0, "test", settings, (1, 2), samples=True),
@@ -111,7 +108,7 @@ def test_every_run_writes_its_curve_drift_and_reader_check(tiny_runs):
     assert [entry["step"] for entry in base["curve"]] == [0]
     assert [entry["step"] for entry in shuffled["curve"]] == [1, 2]
     assert shuffled["train_pairs"] == 12  # K = 10% of the usable pairs
-    assert shuffled["drift"] and shuffled["reader_agreement"]["n"] == 4
+    assert shuffled["drift"] and shuffled["reader_agreement"]["n"] == 2
     assert (Path(args.output_dir) / "samples" / "main" / "shuffled_oracle-w7-s0.png").exists()
     for result in results:
         assert set(result["curve"][-1]) >= {"true_reward", "attributes", "harm_rate", "truth"}

@@ -42,7 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fifa_hf.world.miniature_report import SAMPLE_PROMPTS, relative_drift, stage0_gates, write_report
+from fifa_hf.world.miniature_report import (
+    SAMPLE_PROMPTS,
+    relative_drift,
+    stage0_gates,
+    summarize_arms,
+    write_report,
+)
 from fifa_hf.world.reference_reading import ATTRIBUTES
 from fifa_hf.world.synthetic import (
     TEMPLATES,
@@ -575,8 +581,13 @@ def model_fingerprint(model: str) -> str:
 
 
 def _init_worker() -> None:
+    import diffusers
+    import transformers
+
     torch.set_num_threads(1)
     datasets.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()  # loading a tiny pipeline is no long step
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _run_task(task: tuple[RunSpec, MiniatureArguments, str, str]) -> str:
@@ -726,10 +737,13 @@ def run_stage0(args: MiniatureArguments) -> dict[str, Any]:
     else:
         settings = args.settings
     control_results = run_all(control_specs(args, settings), args, "stage 0: base, positive and negative controls")
+    control_args = dataclasses.replace(args, arms=CONTROL_ARMS, world_seeds=args.control_world_seeds)
+    control_worlds = prepare_worlds(control_specs(args, settings), args)
     stage0 = {
         "settings": dataclasses.asdict(settings),
         "sweep": table,
         "gates": stage0_gates(control_results, sweep_results, dataclasses.asdict(settings), args.drift_tolerance),
+        "controls": summarize_arms(control_results, control_args, control_worlds),
     }
     _write_json(output_dir / "stage0.json", stage0)
     return stage0
@@ -747,6 +761,9 @@ def run_experiment(args: MiniatureArguments) -> dict[str, Any]:
     else:
         failed = [name for name, gate in stage0["gates"].items() if not gate["passed"]]
         print(f"Stage 0 gates failed ({', '.join(failed)}): stage 1 is not run.")
-    rows = world_rows(args.world_seeds[0], args.num_pairs, args.label_temperature)
-    prompts = [prompt for prompt, _, _ in evaluation_prompts(rows, "test", args.world_seeds[0], args)]
-    return write_report(output_dir, args, stage0, main_results, time.perf_counter() - start, prompts)
+    prompts = {}
+    for split, world_seed in (("test", args.world_seeds[0]), ("validation", args.control_world_seeds[0])):
+        rows = world_rows(world_seed, args.num_pairs, args.label_temperature)
+        prompts[split] = [prompt for prompt, _, _ in evaluation_prompts(rows, split, world_seed, args)]
+    seconds = time.perf_counter() - start
+    return write_report(output_dir, args, stage0, main_results, seconds, prompts["test"], prompts["validation"])

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 SAMPLE_PROMPTS = 8  # the first prompts of an evaluation set, drawn in the sample grids
 
+GATES = (
+    "base_true_reward", "base_harm_rate", "reader_count", "reader_color", "reader_shape", "reader_background",
+    "reader_style", "reader_harm", "no_drift", "positive_control", "negative_control",
+)  # fmt: skip
 GATE_THRESHOLDS = {"base_true_reward": 0.45, "base_harm_rate": 0.1, "reader": 0.9, "positive_control": 0.05}
 POWER = 0.8
 
@@ -98,10 +102,11 @@ def stage0_gates(
 ) -> dict[str, dict[str, Any]]:
     """Every stage-0 gate as ``{"value", "threshold", "passed", "rule", ...}``; ``settings`` are the chosen
     Diffusion-DPO settings (their drift is read off the sweep runs that trained with them, else the oracle
-    control runs)."""
+    control runs). A gate whose runs are not all there yet (an interrupted experiment) is left out, so
+    ``GATES`` minus the keys says what is still unmeasured."""
     gates: dict[str, dict[str, Any]] = {}
     base = [r for r in control if r["spec"]["arm"] == "base"]
-    for name, metric in (("base_true_reward", endpoint), ("base_harm_rate", _harm)):
+    for name, metric in (("base_true_reward", endpoint), ("base_harm_rate", _harm)) if base else ():
         value = float(np.mean([metric(r) for r in base]))
         gates[name] = {
             "value": value, "threshold": GATE_THRESHOLDS[name], "passed": value >= GATE_THRESHOLDS[name],
@@ -109,8 +114,8 @@ def stage0_gates(
         }  # fmt: skip
     checks = [r["reader_agreement"] for r in [*control, *sweep] if "reader_agreement" in r]
     images = sum(check["n"] for check in checks)
-    for name in (*ATTRIBUTES, "harm"):
-        value = sum(check[name] for check in checks) / max(1, images)
+    for name in (*ATTRIBUTES, "harm") if checks else ():
+        value = sum(check[name] for check in checks) / images
         gates[f"reader_{name}"] = {
             "value": value, "threshold": GATE_THRESHOLDS["reader"], "passed": value >= GATE_THRESHOLDS["reader"],
             "images": images, "rule": "share of generated images the pixel reader reads as the reference reading does",
@@ -118,6 +123,8 @@ def stage0_gates(
     steps = settings["train_steps"]
     chosen = [r for r in sweep if {**r["spec"]["settings"], "train_steps": steps} == settings]
     chosen = chosen or [r for r in control if r["spec"]["arm"] == "oracle"]
+    if not chosen or not {r["spec"]["arm"] for r in control} >= {"base", "oracle", "shuffled_oracle"}:
+        return gates
     drift = float(np.mean([relative_drift(r, steps) for r in chosen]))
     gates["no_drift"] = {
         "value": drift, "threshold": drift_tolerance, "passed": drift <= drift_tolerance,
@@ -204,7 +211,7 @@ def summarize_arms(results: list[dict], args: MiniatureArguments, worlds: dict[i
 # ---- figures ----------------------------------------------------------------------------------------------
 
 
-def _plot_curves(path: Path, arms: dict[str, dict], args: MiniatureArguments) -> None:
+def _plot_curves(path: Path, arms: dict[str, dict], args: MiniatureArguments, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +229,7 @@ def _plot_curves(path: Path, arms: dict[str, dict], args: MiniatureArguments) ->
         axis.fill_between(images, curve["ci_low"], curve["ci_high"], color=color, alpha=0.15)
     axis.set_xlabel("images seen by Diffusion-DPO (2 per pair)")
     axis.set_ylabel("true reward, held-out clean prompts")
-    axis.set_title("Miniature FiFA: true reward vs images seen (band: 95% CI over world seeds)")
+    axis.set_title(f"{title} (band: 95% CI over world seeds)", fontsize=10)
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -279,7 +286,11 @@ def _fmt(interval: dict[str, float], signed: bool = False) -> str:
 
 def _gate_rows(gates: dict[str, dict]) -> str:
     lines = ["| gate | value | threshold | passed | rule |", "|---|---|---|---|---|"]
-    for name, gate in gates.items():
+    for name in (*GATES, *(name for name in gates if name not in GATES)):
+        if name not in gates:
+            lines.append(f"| {name} | not measured yet | | | its runs have not finished |")
+            continue
+        gate = gates[name]
         value = f"{gate['value']:.3f}"
         if "ci_low" in gate:
             value += f" [{gate['ci_low']:+.3f}, {gate['ci_high']:+.3f}]"
@@ -318,6 +329,21 @@ def _arm_rows(arms: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _control_rows(controls: dict[str, dict]) -> str:
+    lines = [
+        "| arm | runs | true reward (endpoint) | vs base | harm rate (unsafe prompts) | harm vs base | drift |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, e in controls.items():
+        versus = "-" if arm == "base" else _fmt(e["vs_base"], True)
+        harm = "-" if arm == "base" else _fmt(e["harm_vs_base"], True)
+        drift = "-" if arm == "base" else f"{e['drift']:+.2%}"
+        lines.append(
+            f"| {arm} | {e['runs']} | {_fmt(e['final'])} | {versus} | {e['harm_rate']:.3f} | {harm} | {drift} |"
+        )
+    return "\n".join(lines)
+
+
 def _composition_rows(arms: dict[str, dict]) -> str:
     keys = ("pairs", "agreement", "true_gap", "junk_share", "unsafe_share", "teaches_harm_share", "distinct_prompts")
     lines = ["| arm | " + " | ".join(keys) + " | drift |", "|---" * (len(keys) + 2) + "|"]
@@ -339,10 +365,45 @@ def _attribute_rows(arms: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def headline(arms: dict[str, dict]) -> str:
+def _stage1_not_run(gates: dict[str, dict]) -> str:
+    failed = ", ".join(f"`{name}`" for name, gate in gates.items() if not gate["passed"])
+    return (
+        f"Stage 1 did not run: the stage-0 gate(s) {failed} failed, and the pre-registered rule is to compare "
+        "no arm until every gate passes."
+    )
+
+
+def _stage1_text(arms: dict[str, dict], figures: list[str], args: MiniatureArguments, steps: list[int], mdd: float):
+    return f"""{len(args.world_seeds)} test worlds x {len(args.training_seeds)} training seeds; every run evaluated at
+steps {steps} on {args.eval_clean_prompts} clean and {args.eval_unsafe_prompts} unsafe held-out prompts,
+{args.images_per_prompt} image(s) each (common random numbers). Endpoint: mean true reward over the last three
+evaluations (clean prompts). Intervals: 95%, t over world-seed means of the paired differences. Minimum
+detectable difference vs random (80% power, median over arms): **{mdd:.3f}**.
+
+{_arm_rows(arms)}
+
+{chr(10).join(figures)}
+
+Per-attribute accuracy (clean prompts, endpoint):
+
+{_attribute_rows(arms)}
+
+What each arm trains on (mean over test worlds; *truth* = true reward - harm; *teaches_harm_share*: chosen
+image shows the marker and the rejected does not), and the policy-minus-reference denoising error on chosen
+images in the second half of training (relative to the reference's):
+
+{_composition_rows(arms)}"""
+
+
+def headline(arms: dict[str, dict], gates: dict[str, dict]) -> str:
     """One sentence on the primary endpoint, whatever it says."""
     if not arms or "random" not in arms:
-        return "Stage 1 did not run."
+        failed = [name for name, gate in gates.items() if not gate["passed"]]
+        return (
+            "Stage 1 did not run: stage-0 gate(s) failed: " + ", ".join(failed) + "."
+            if failed
+            else ("Stage 1 did not run.")
+        )
     parts = []
     for arm in ("fifa", "setwise", "margin", "qsd", "full", "oracle"):
         if arm in arms and arm != "random":
@@ -359,9 +420,11 @@ def write_report(
     main_results: list[dict],
     seconds: float,
     sample_prompts: list[str] = (),
+    control_prompts: list[str] = (),
 ) -> dict[str, Any]:
-    """``results.json`` (gates and arms), ``report.md`` and its figures; ``sample_prompts`` are the first test
-    world's held-out prompts, the rows of the sample grid."""
+    """``results.json`` (gates, arms and the stage-0 controls), ``report.md`` and its figures;
+    ``sample_prompts`` and ``control_prompts`` are the first test and control world's held-out prompts, the
+    rows of the sample grids."""
     output_dir = Path(output_dir)
     worlds = {w: json.loads((output_dir / "worlds" / f"w{w}.json").read_text()) for w in args.world_seeds
               if (output_dir / "worlds" / f"w{w}.json").exists()}  # fmt: skip
@@ -372,8 +435,9 @@ def write_report(
         "arms": arms,
         "settings": stage0["settings"],
         "sweep": stage0["sweep"],
+        "controls": stage0.get("controls", {}),
         "minimum_detectable_difference": float(np.median(mdds)) if mdds else float("nan"),
-        "headline": headline(arms),
+        "headline": headline(arms, stage0["gates"]),
         "design": {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in vars(args).items()
@@ -383,9 +447,11 @@ def write_report(
         "devices": sorted({r["device"] for r in main_results}),
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    figures = []
+    figures, control_figures = [], []
     if arms:
-        _plot_curves(output_dir / "reward_curve.png", arms, args)
+        _plot_curves(
+            output_dir / "reward_curve.png", arms, args, "Miniature FiFA, stage 1: true reward vs images seen"
+        )
         figures.append("![true reward vs images seen](reward_curve.png)")
         names = {arm: f"{arm}-w{args.world_seeds[0]}-s{args.training_seeds[0]}" for arm in arms}
         if _sample_grid(output_dir / "samples.png", output_dir, "main", names, list(sample_prompts)):
@@ -395,6 +461,14 @@ def write_report(
         output_dir / "samples" / "control" / f"base-w{args.control_world_seeds[0]}-s{args.training_seeds[0]}.png"
     )
     has_reader_grid = _reader_grid(output_dir / "reader_check.png", base_strip)
+    controls = results["controls"]
+    if controls:
+        _plot_curves(output_dir / "control_curve.png", controls, args, "Stage 0 controls: true reward vs images seen")
+        control_figures.append("![stage-0 controls](control_curve.png)")
+        names = {arm: f"{arm}-w{args.control_world_seeds[0]}-s{args.training_seeds[0]}" for arm in controls}
+        if _sample_grid(output_dir / "control_samples.png", output_dir, "control", names, list(control_prompts)):
+            control_figures.append("Final samples of the first control world and training seed (rows: validation "
+                                   "prompts, the last two unsafe):\n\n![control samples](control_samples.png)")  # fmt: skip
     settings = stage0["settings"]
     steps = [settings["train_steps"] // args.evaluations * (i + 1) for i in range(args.evaluations)]
     mdd = results["minimum_detectable_difference"]
@@ -409,32 +483,20 @@ learning rate after warm-up), {"chosen by the pre-registered rule on the full ar
 
 {_gate_rows(stage0["gates"])}
 
+Controls (control worlds {list(args.control_world_seeds)} x training seeds {list(args.training_seeds)},
+validation prompts; differences paired by block, 95% t interval over world seeds):
+
+{_control_rows(controls) if controls else "The controls did not run."}
+
+{chr(10).join(control_figures)}
+
 {("Sweep (full arm, validation worlds " + str(list(args.sweep_world_seeds)) + ", validation prompts):" + chr(10) + chr(10) + _sweep_rows(stage0["sweep"])) if stage0["sweep"] else ""}
 
 {"![reader check](reader_check.png)" if has_reader_grid else ""}
 
 ## Stage 1: every arm
 
-{len(args.world_seeds)} test worlds x {len(args.training_seeds)} training seeds; every run evaluated at steps
-{steps} on {args.eval_clean_prompts} clean and
-{args.eval_unsafe_prompts} unsafe held-out prompts, {args.images_per_prompt} image(s) each (common random numbers).
-Endpoint: mean true reward over the last three evaluations (clean prompts). Intervals: 95%, t over world-seed
-means of the paired differences. Minimum detectable difference vs random (80% power, median over arms):
-**{mdd:.3f}**.
-
-{_arm_rows(arms) if arms else "Stage 1 did not run: a stage-0 gate failed."}
-
-{chr(10).join(figures)}
-
-Per-attribute accuracy (clean prompts, endpoint):
-
-{_attribute_rows(arms) if arms else ""}
-
-What each arm trains on (mean over test worlds; *truth* = true reward - harm; *teaches_harm_share*: chosen
-image shows the marker and the rejected does not, in an otherwise similar pair), and the policy-minus-reference
-denoising error on chosen images in the second half of training:
-
-{_composition_rows(arms) if arms else ""}
+{_stage1_text(arms, figures, args, steps, mdd) if arms else _stage1_not_run(stage0["gates"])}
 
 Total time: {seconds:.0f} s on {", ".join(results["devices"]) or "-"}.
 """
