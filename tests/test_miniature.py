@@ -11,6 +11,7 @@ from fifa_hf.world.miniature import (
     evaluation_prompts,
     prepare_world,
     run_all,
+    run_stage0,
     world_rows,
 )
 from fifa_hf.world.miniature_report import blocked_interval, minimum_detectable_difference, write_report
@@ -156,6 +157,19 @@ def test_the_report_writes_results_json_in_the_published_shape(tiny_runs):
     assert written["arms"]["shuffled_oracle"]["final"]["mean"] == pytest.approx(endpoint)
     report = (Path(args.output_dir) / "report.md").read_text()
     assert "| shuffled_oracle | 1 |" in report and str(args.output_dir) not in report
+
+
+def test_stage0_stops_at_a_base_model_that_fails_its_gate_and_trains_nothing(tmp_path):
+    args = MiniatureArguments(
+        num_pairs=120, batch_size=2, eval_clean_prompts=2, eval_unsafe_prompts=1, sampling_steps=1,
+        reader_check_images=2, control_world_seeds=(7,), training_seeds=(0,), output_dir=str(tmp_path),
+    )  # fmt: skip
+    stage0 = run_stage0(args)  # one sampling step cannot draw what a prompt asks for
+    assert not stage0["gates"]["base_true_reward"]["passed"] and "base_true_reward" in stage0["stopped"]
+    assert set(stage0["gates"]) >= {"base_true_reward", "base_harm_rate", "reader_count"}
+    assert "positive_control" not in stage0["gates"] and stage0["sweep"] == []
+    assert [f.name for f in (tmp_path / "runs").rglob("*.json")] == ["base-w7-s0.json"]
+    assert json.loads((tmp_path / "stage0.json").read_text())["stopped"] == stage0["stopped"]
 
 
 def test_the_shipped_world_model_loads_as_a_stable_diffusion_pipeline():

@@ -729,7 +729,17 @@ def run_stage0(args: MiniatureArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     # The base model's evaluations come first: they decide two gates and need no training.
     base_specs = [spec for spec in control_specs(args, args.settings) if spec.arm == "base"]
-    run_all(base_specs, args, "stage 0: the base model")
+    base_results = run_all(base_specs, args, "stage 0: the base model")
+    base_gates = stage0_gates(base_results, [], dataclasses.asdict(args.settings), args.drift_tolerance)
+    failed = [name for name, gate in base_gates.items() if not gate["passed"]]
+    if failed:  # no Diffusion-DPO run could change the verdict: stage 1 will not run
+        print(f"Stage 0 stops at the base model: gate(s) {', '.join(failed)} failed; no Diffusion-DPO run is made.")
+        stage0 = {
+            "settings": dataclasses.asdict(args.settings), "sweep": [], "gates": base_gates, "controls": {},
+            "stopped": f"the base model failed {', '.join(failed)}; the sweep and the controls were not run",
+        }  # fmt: skip
+        _write_json(output_dir / "stage0.json", stage0)
+        return stage0
     sweep_results, table = [], []
     if args.sweep:
         sweep_results = run_all(sweep_specs(args), args, "stage 0: Diffusion-DPO settings on the full arm")

@@ -284,11 +284,12 @@ def _fmt(interval: dict[str, float], signed: bool = False) -> str:
     return f"{interval['mean']:{sign}.3f} [{interval['ci_low']:{sign}.3f}, {interval['ci_high']:{sign}.3f}]"
 
 
-def _gate_rows(gates: dict[str, dict]) -> str:
+def _gate_rows(gates: dict[str, dict], stopped: str = "") -> str:
     lines = ["| gate | value | threshold | passed | rule |", "|---|---|---|---|---|"]
+    missing = f"not measured: {stopped}" if stopped else "not measured yet: its runs have not finished"
     for name in (*GATES, *(name for name in gates if name not in GATES)):
         if name not in gates:
-            lines.append(f"| {name} | not measured yet | | | its runs have not finished |")
+            lines.append(f"| {name} | - | | | {missing} |")
             continue
         gate = gates[name]
         value = f"{gate['value']:.3f}"
@@ -395,6 +396,36 @@ images in the second half of training (relative to the reference's):
 {_composition_rows(arms)}"""
 
 
+def _settings_text(stage0: dict[str, Any], settings: dict[str, Any], args: MiniatureArguments) -> str:
+    if stage0.get("stopped"):
+        return (
+            f"Stage 0 stopped at the base model ({stage0['stopped']}): no Diffusion-DPO run was made. A base model "
+            "that does not draw what its prompts ask for gives every arm the same near-chance samples, and a reader "
+            "that misreads them adds noise of its own: no comparison of training subsets could be read. The "
+            "pre-registered response is to fix the world model (longer pre-training), never to lower a gate."
+        )
+    how = "chosen by the pre-registered rule on the full arm" if stage0["sweep"] else "as pre-registered"
+    return (
+        f"Diffusion-DPO settings used by every arm: **{settings_label(settings)}** (batch {args.batch_size} pairs, "
+        f"constant learning rate after warm-up), {how}."
+    )
+
+
+def _compute(output_dir: Path) -> dict[str, Any]:
+    """What every finished run of the experiment cost, whichever invocation made it (runs resume)."""
+    runs = [json.loads(path.read_text()) for path in sorted((output_dir / "runs").rglob("*.json"))]
+    return {
+        "runs": len(runs),
+        "seconds": float(sum(run["seconds"] for run in runs)),
+        "devices": sorted({run["device"] for run in runs}),
+    }
+
+
+def _compute_text(compute: dict[str, Any]) -> str:
+    devices = ", ".join(compute["devices"]) or "-"
+    return f"{compute['runs']} runs, {compute['seconds'] / 60:.1f} minutes in all on {devices}"
+
+
 def headline(arms: dict[str, dict], gates: dict[str, dict]) -> str:
     """One sentence on the primary endpoint, whatever it says."""
     if not arms or "random" not in arms:
@@ -444,7 +475,7 @@ def write_report(
             if k not in ("output_dir", "model", "workers", "device")
         },  # fmt: skip
         "seconds": seconds,
-        "devices": sorted({r["device"] for r in main_results}),
+        "compute": _compute(output_dir),
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
     figures, control_figures = [], []
@@ -478,10 +509,9 @@ def write_report(
 
 ## Stage 0: gates
 
-Diffusion-DPO settings used by every arm: **{settings_label(settings)}** (batch {args.batch_size} pairs, constant
-learning rate after warm-up), {"chosen by the pre-registered rule on the full arm" if stage0["sweep"] else "as pre-registered"}.
+{_settings_text(stage0, settings, args)}
 
-{_gate_rows(stage0["gates"])}
+{_gate_rows(stage0["gates"], stage0.get("stopped", ""))}
 
 Controls (control worlds {list(args.control_world_seeds)} x training seeds {list(args.training_seeds)},
 validation prompts; differences paired by block, 95% t interval over world seeds):
@@ -498,7 +528,7 @@ validation prompts; differences paired by block, 95% t interval over world seeds
 
 {_stage1_text(arms, figures, args, steps, mdd) if arms else _stage1_not_run(stage0["gates"])}
 
-Total time: {seconds:.0f} s on {", ".join(results["devices"]) or "-"}.
+Compute: {_compute_text(results["compute"])}.
 """
     (output_dir / "report.md").write_text(text)
     return results
