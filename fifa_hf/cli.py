@@ -119,13 +119,8 @@ def demo_command(args: DemoArguments) -> None:
         from fifa_hf.world.miniature import MiniatureArguments, run_experiment
 
         output_dir = args.output_dir if args.output_dir != "fifa_demo" else "fifa_demo_full"
-        miniature = MiniatureArguments(
-            train_steps=args.train_steps,
-            eval_steps=args.eval_steps,
-            seeds=tuple(range(args.num_seeds)),
-            output_dir=output_dir,
-        )
-        run_experiment(miniature)
+        design = MiniatureArguments.quick if args.quick else MiniatureArguments
+        run_experiment(design(output_dir=output_dir, workers=args.workers))
         print((Path(output_dir) / "report.md").read_text())
         return
 

@@ -1,13 +1,29 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from fifa_hf.world.miniature import MiniatureArguments, build_subsets, run_experiment, train_arm
-from fifa_hf.world.synthetic import Attributes, describe, make_synthetic_pickapic, parse_prompt, perturb, render
-from fifa_hf.world.true_reward import SyntheticTrueReward, read_attributes, true_reward
-from fifa_hf.world.world_model import IMAGE_SIZE, build_world_pipeline, shipped_world_model
+from fifa_hf.world.miniature import (
+    MiniatureArguments,
+    RunSpec,
+    TrainingSettings,
+    evaluation_prompts,
+    prepare_world,
+    run_all,
+    run_stage0,
+    world_rows,
+)
+from fifa_hf.world.miniature_report import blocked_interval, minimum_detectable_difference, write_report
+from fifa_hf.world.reference_reading import reference_read
+from fifa_hf.world.synthetic import JUNK_WORDS, UNSAFE_SUFFIXES, Attributes, describe, parse_prompt, render
+from fifa_hf.world.true_reward import read_attributes
+from fifa_hf.world.world_model import (
+    IMAGE_SIZE,
+    pretraining_set,
+    shipped_world_model,
+    world_tokenizer,
+)
 
 
 def test_the_checker_reads_back_what_was_rendered():
@@ -19,69 +35,141 @@ def test_the_checker_reads_back_what_was_rendered():
         assert parse_prompt(describe(target, i % 3)) == target
 
 
-def test_true_reward_is_high_for_matching_renders_and_low_for_mismatched_ones():
+def test_the_reference_reading_recovers_jittered_renders_and_the_harm_marker():
     rng = np.random.default_rng(1)
-    targets = [Attributes.random(rng) for _ in range(100)]
-    prompts = [describe(t) for t in targets]
-    matching = [render(t, IMAGE_SIZE, rng) for t in targets]
-    mismatched = [render(perturb(t, 0.0, rng), IMAGE_SIZE, rng) for t in targets]  # every attribute changed
-    reward = SyntheticTrueReward()
-    assert reward.score(prompts, matching).mean() == 1.0
-    assert reward.score(prompts, mismatched).mean() == 0.0
-    half = [render(perturb(t, 0.5, rng), IMAGE_SIZE, rng) for t in targets]
-    assert 0.3 < reward.score(prompts, half).mean() < 0.7
-    assert np.isnan(true_reward("asdf lol", matching[0]))
+    for _ in range(40):
+        target, harm = Attributes.random(rng), bool(rng.random() < 0.5)
+        read = reference_read(render(target, IMAGE_SIZE, rng, harm=harm))
+        assert read == {**{name: getattr(target, name) for name in read if name != "harm"}, "harm": harm}
+
+
+def test_the_world_tokenizer_has_one_token_per_world_word():
+    tokenizer = world_tokenizer()
+    words = ["triangles", "background", "outlined", *" ".join(UNSAFE_SUFFIXES).replace(",", "").split()]
+    words += [w for w in JUNK_WORDS if w.isalpha()]
+    for word in words:
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+
+
+def test_pretraining_data_follows_the_worlds_prompt_mix_and_harm_rate():
+    from PIL import Image
+
+    from fifa_hf.world.true_reward import shows_harm
+
+    prompts, images = pretraining_set(3000, seed=0)
+    unsafe = np.array([any(s in p for s in UNSAFE_SUFFIXES) for p in prompts])
+    junk = np.array([parse_prompt(p) is None for p in prompts])
+    harm = np.array([shows_harm(Image.fromarray(image)) for image in images])
+    assert 0.03 < unsafe.mean() < 0.07 and 0.07 < junk.mean() < 0.13
+    assert 0.3 < harm[unsafe].mean() < 0.7 and not harm[~unsafe].any()  # 0.5, about 150 unsafe prompts
+
+
+def test_held_out_prompts_never_repeat_a_training_combination_and_splits_do_not_overlap():
+    args = MiniatureArguments(num_pairs=300, eval_clean_prompts=30, eval_unsafe_prompts=10)
+    rows = world_rows(0, args.num_pairs, args.label_temperature)
+    seen = {parse_prompt(c) for c in rows["caption"]}
+    test = evaluation_prompts(rows, "test", 0, args)
+    validation = evaluation_prompts(rows, "validation", 0, args)
+    assert [kind for _, kind, _ in test].count("unsafe") == 10 and len(test) == 40
+    assert not {target for _, _, target in test} & seen
+    assert not {target for _, _, target in test} & {target for _, _, target in validation}
+
+
+def test_blocked_interval_averages_training_seeds_within_a_world_first():
+    values = {(0, 0): 0.1, (0, 1): 0.3, (1, 0): 0.4, (1, 1): 0.4, (2, 0): 0.6, (2, 1): 0.8}
+    interval = blocked_interval(values)
+    world_means = np.array([0.2, 0.4, 0.7])
+    half = 4.302652729911275 * world_means.std(ddof=1) / np.sqrt(3)  # t(0.975, df = 2)
+    assert interval["worlds"] == 3 and interval["mean"] == pytest.approx(world_means.mean())
+    assert interval["ci_high"] - interval["mean"] == pytest.approx(half)
+    detectable = (4.302652729911275 + 1.0606601717798212) * interval["sd"] / np.sqrt(3)  # + t(0.8, df = 2)
+    assert minimum_detectable_difference(interval["sd"], 3) == pytest.approx(detectable)
 
 
 @pytest.fixture(scope="module")
-def untrained_world(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "world"
-    build_world_pipeline(seed=0).save_pretrained(path)
-    return str(path)
-
-
-def small(tmp_path, model, **overrides):
-    values = dict(
-        num_pairs=120, train_steps=2, batch_size=2, eval_steps=1, eval_prompts=4, sampling_steps=2, seeds=(0,),
-        model=model, output_dir=str(tmp_path / "miniature"),
+def tiny_runs(tmp_path_factory):
+    """Two runs of one block (base, shuffled oracle) of the shipped world model, on a tiny budget."""
+    root = tmp_path_factory.mktemp("miniature")
+    args = MiniatureArguments(
+        num_pairs=120, batch_size=2, eval_clean_prompts=2, eval_unsafe_prompts=1, sampling_steps=1,
+        reader_check_images=2, world_seeds=(7,), training_seeds=(0,), arms=("base", "shuffled_oracle"),
+        output_dir=str(root / "out"),
     )  # fmt: skip
-    values.update(overrides)
-    return MiniatureArguments(**values)
+    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=0, train_steps=2)
+    specs = [
+        RunSpec("main", "base", 7, 0, "test", None, (0,), samples=True),
+        RunSpec("main", "shuffled_oracle", 7, 0, "test", settings, (1, 2), samples=True),
+    ]
+    return args, specs, run_all(specs, args, "tiny")
 
 
-def test_experiment_on_a_tiny_budget_writes_every_file_and_a_well_formed_report(tmp_path, untrained_world):
-    results = run_experiment(small(tmp_path, untrained_world))
-    output_dir = tmp_path / "miniature"
-    for name in ("results.json", "report.md", "reward_curve.png", "samples.png"):
-        assert (output_dir / name).stat().st_size > 0
-    assert json.loads((output_dir / "results.json").read_text())["summary"] == results["summary"]
-    summary = results["summary"]
-    assert set(summary) == {"fifa", "full", "random", "qsd"}
-    for entry in summary.values():
-        assert entry["steps"] == [0, 1, 2] and all(0.0 <= v <= 1.0 for v in entry["mean"])
-        assert entry["images_seen"] == 2 * 2 * 2
-    sizes = results["subset_sizes"]
-    assert sizes["fifa"] == sizes["random"] == sizes["qsd"] < sizes["full"] == 120
-    report = (output_dir / "report.md").read_text()
-    assert "| fifa |" in report and "![reward vs step](reward_curve.png)" in report
-    assert "first step reaching full's final" in report
+def test_every_run_writes_its_curve_drift_and_reader_check(tiny_runs):
+    args, specs, results = tiny_runs
+    base, shuffled = results
+    assert [entry["step"] for entry in base["curve"]] == [0]
+    assert [entry["step"] for entry in shuffled["curve"]] == [1, 2]
+    assert shuffled["train_pairs"] == 12  # K = 10% of the usable pairs
+    assert shuffled["drift"] and shuffled["reader_agreement"]["n"] == 2
+    assert (Path(args.output_dir) / "samples" / "main" / "shuffled_oracle-w7-s0.png").exists()
+    for result in results:
+        assert set(result["curve"][-1]) >= {"true_reward", "attributes", "harm_rate", "truth"}
 
 
-def test_seeds_make_runs_reproducible(tmp_path, untrained_world):
-    args = small(tmp_path, untrained_world, train_steps=3, eval_steps=3)
-    rows = make_synthetic_pickapic(args.num_pairs, seed=0, image_size=IMAGE_SIZE, image_format="PNG")
-    data = build_subsets(rows, args, tmp_path)["fifa"]
-    prompts = [describe(Attributes.random(np.random.default_rng(i))) for i in range(3)]
-    first, first_pipeline = train_arm("fifa", data, 0, prompts, args, untrained_world)
-    again, again_pipeline = train_arm("fifa", data, 0, prompts, args, untrained_world)
-    _, other_pipeline = train_arm("fifa", data, 1, prompts, args, untrained_world)
-    assert first["curve"] == again["curve"]
+def test_the_shuffled_oracle_keeps_the_oracles_pairs_with_half_the_labels_swapped(tiny_runs):
+    args, _, _ = tiny_runs
+    world = prepare_world(7, ("oracle", "shuffled_oracle"), args, Path(args.output_dir))
+    assert world["subsets"]["oracle"] == world["subsets"]["shuffled_oracle"]
+    assert sum(world["swapped"]) == len(world["swapped"]) // 2
+    composition = world["composition"]
+    assert composition["oracle"]["agreement"] == 1.0 and composition["oracle"]["true_gap"] > 0.5
+    assert abs(composition["shuffled_oracle"]["true_gap"]) < composition["oracle"]["true_gap"] / 2
 
-    def weights(pipeline):
-        return torch.cat([p.detach().flatten() for p in pipeline.unet.parameters()])
 
-    assert torch.equal(weights(first_pipeline), weights(again_pipeline))
-    assert not torch.equal(weights(first_pipeline), weights(other_pipeline))
+def test_a_rerun_skips_finished_runs_and_redoes_missing_and_stale_ones(tiny_runs):
+    args, specs, results = tiny_runs
+    runs = Path(args.output_dir) / "runs" / "main"
+    base, trained = runs / "base-w7-s0.json", runs / "shuffled_oracle-w7-s0.json"
+    before = {f.name: f.stat().st_mtime_ns for f in runs.glob("*.json")}
+    base.unlink()
+    again = run_all(specs, args, "tiny")
+    assert trained.stat().st_mtime_ns == before[trained.name]  # finished: skipped
+    assert base.stat().st_mtime_ns != before[base.name] and again[0]["curve"] == results[0]["curve"]
+    stale = json.loads(base.read_text())
+    stale["fingerprint"] = "changed inputs"
+    base.write_text(json.dumps(stale))
+    run_all(specs, args, "tiny")
+    assert json.loads(base.read_text())["fingerprint"] == results[0]["fingerprint"]
+
+
+def test_the_report_writes_results_json_in_the_published_shape(tiny_runs):
+    args, _, results = tiny_runs
+    gate = {"value": 0.5, "threshold": 0.45, "passed": True, "rule": "r"}
+    stage0 = {"settings": {"learning_rate": 1e-4, "beta": 2500.0, "lora_rank": 4, "train_steps": 3}, "sweep": [],
+              "gates": {"base_true_reward": gate}}  # fmt: skip
+    written = write_report(Path(args.output_dir), args, stage0, results, 1.0, ["p"] * 8)
+    saved = json.loads((Path(args.output_dir) / "results.json").read_text())
+    assert saved["gates"] == {"base_true_reward": gate}
+    for arm in args.arms:
+        entry = saved["arms"][arm]
+        assert entry["runs"] == 1 and isinstance(entry["harm_rate"], float)
+        assert set(entry["final"]) >= {"mean", "ci_low", "ci_high"} and set(entry["vs_random"]) >= {"mean", "ci_low"}
+    endpoint = np.mean([e["true_reward"] for e in results[1]["curve"]])  # the last (here: all) evaluations
+    assert written["arms"]["shuffled_oracle"]["final"]["mean"] == pytest.approx(endpoint)
+    report = (Path(args.output_dir) / "report.md").read_text()
+    assert "| shuffled_oracle | 1 |" in report and str(args.output_dir) not in report
+
+
+def test_stage0_stops_at_a_base_model_that_fails_its_gate_and_trains_nothing(tmp_path):
+    args = MiniatureArguments(
+        num_pairs=120, batch_size=2, eval_clean_prompts=2, eval_unsafe_prompts=1, sampling_steps=1,
+        reader_check_images=2, control_world_seeds=(7,), training_seeds=(0,), output_dir=str(tmp_path),
+    )  # fmt: skip
+    stage0 = run_stage0(args)  # one sampling step cannot draw what a prompt asks for
+    assert not stage0["gates"]["base_true_reward"]["passed"] and "base_true_reward" in stage0["stopped"]
+    assert set(stage0["gates"]) >= {"base_true_reward", "base_harm_rate", "reader_count"}
+    assert "positive_control" not in stage0["gates"] and stage0["sweep"] == []
+    assert [f.name for f in (tmp_path / "runs").rglob("*.json")] == ["base-w7-s0.json"]
+    assert json.loads((tmp_path / "stage0.json").read_text())["stopped"] == stage0["stopped"]
 
 
 def test_the_shipped_world_model_loads_as_a_stable_diffusion_pipeline():

@@ -75,13 +75,15 @@ class DemoArguments:
     full: bool = field(
         default=False,
         metadata={
-            "help": "Run the miniature replication instead: Diffusion-DPO on FiFA / full / random / QSD data of the "
-            "synthetic world, true reward vs step (about 12 minutes on 2 cores). Only the options below apply."
+            "help": "Run the miniature replication instead (docs/miniature/preregistration.md): stage-0 gates, then "
+            "Diffusion-DPO on every arm's subset over 5 worlds x 3 seeds; resumable, several hours on 2 CPU cores. "
+            "Only output_dir and the options below apply."
         },
     )
-    train_steps: int = field(default=150, metadata={"help": "--full: Diffusion-DPO steps per run."})
-    eval_steps: int = field(default=25, metadata={"help": "--full: evaluate the true reward every N steps."})
-    num_seeds: int = field(default=3, metadata={"help": "--full: training seeds per arm."})
+    quick: bool = field(
+        default=False, metadata={"help": "--full: a reduced version (2 worlds, 1 seed, no sweep) to try it out."}
+    )
+    workers: int = field(default=2, metadata={"help": "--full: runs in parallel (processes)."})
 
     def __post_init__(self):
         if self.world_version not in (1, 2):
