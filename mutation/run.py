@@ -64,6 +64,11 @@ EQUIVALENT: list[tuple[str, str, str]] = [
         'match = _ANSWER.fullmatch(text or "XXXX")',
         "a missing answer is matched as 'XXXX' instead of '': neither is a digit, both give None",
     ),
+    (
+        "fifa_hf.scoring.margin.xǁMarginScorerǁ_score_images",
+        "rewards[rows] = self.reward_model.score(prompts, images).reshape(-2, 2)",
+        "numpy reads any negative size in reshape as 'infer', as it reads -1",
+    ),
 ]
 
 KILLED = {"killed", "timeout", "caught by type check"}

@@ -37,3 +37,22 @@ def test_minilm_diversity_favours_prompts_far_from_the_rest():
     terms = diversity_by_prompt(prompts + prompts[:3], PromptEmbedder(offline_minilm_path(), device="cpu"), k=2)
     assert len(terms) == len(prompts)
     assert max(terms, key=terms.get) == "an oil painting of a stormy sea"
+
+
+def test_each_unique_prompt_is_embedded_once_and_gets_its_knn_term():
+    prompts = [f"prompt {i}" for i in range(12)]
+    vectors = np.random.default_rng(2).normal(size=(12, 8)).astype(np.float32)
+    batches = []
+
+    def embedder(batch):  # precomputed embeddings stand in for a sentence-transformers model
+        batches.append(list(batch))
+        return vectors[[prompts.index(prompt) for prompt in batch]]
+
+    terms = diversity_by_prompt(prompts + prompts[:4], embedder)  # defaults: k=5, epsilon=1e-6
+    assert batches == [prompts] and list(terms) == prompts
+    np.testing.assert_allclose(list(terms.values()), np.log(brute_force_kth_distance(vectors, 5) + 1e-6), rtol=1e-5)
+    wider = diversity_by_prompt(prompts, embedder, k=2, epsilon=0.5)
+    np.testing.assert_allclose(list(wider.values()), np.log(brute_force_kth_distance(vectors, 2) + 0.5), rtol=1e-5)
+    with pytest.raises(ValueError, match="method"):
+        diversity_by_prompt(prompts, embedder, method="hnsw")
+    assert diversity_by_prompt([], embedder) == {}
