@@ -69,6 +69,25 @@ EQUIVALENT: list[tuple[str, str, str]] = [
         "rewards[rows] = self.reward_model.score(prompts, images).reshape(-2, 2)",
         "numpy reads any negative size in reshape as 'infer', as it reads -1",
     ),
+    *[
+        ("fifa_hf.scoring.diversity.x_knn_search", line, "faiss converts what it is given to float32 itself")
+        for line in (
+            "embeddings = np.ascontiguousarray(embeddings, dtype=None)",
+            "embeddings = np.ascontiguousarray(embeddings, )",
+        )
+    ],
+    *[
+        ("fifa_hf.scoring.diversity.x_knn_search", line, "numpy's default dtype is float64")
+        for line in (
+            "distances, ids = np.empty((n, k), dtype=None), np.empty((n, k), dtype=np.int64)",
+            "distances, ids = np.empty((n, k), ), np.empty((n, k), dtype=np.int64)",
+        )
+    ],
+    (
+        "fifa_hf.scoring.diversity.x_knn_search",
+        "faiss.cvar.distance_compute_blas_threshold = 17",
+        "a speed switch: faiss computes batches of exactly 17 queries without BLAS, the same distances",
+    ),
 ]
 
 KILLED = {"killed", "timeout", "caught by type check"}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fifa_hf.scoring import PromptEmbedder, diversity_by_prompt, knn_distances, knn_log_distances
-from fifa_hf.scoring.diversity import offline_minilm_path
+from fifa_hf.scoring.diversity import knn_search, offline_minilm_path
 
 
 def brute_force_kth_distance(x, k):
@@ -56,3 +56,38 @@ def test_each_unique_prompt_is_embedded_once_and_gets_its_knn_term():
     with pytest.raises(ValueError, match="method"):
         diversity_by_prompt(prompts, embedder, method="hnsw")
     assert diversity_by_prompt([], embedder) == {}
+
+
+def test_neighbours_are_row_positions_and_k_shrinks_to_the_rows_there_are():
+    x = np.random.default_rng(3).normal(size=(40, 6))  # float64 is fine: faiss reads float32
+    distances, ids = knn_search(x)  # defaults: k=5, exact
+    assert distances.shape == ids.shape == (40, 5) and ids.dtype == np.int64
+    assert not (ids == np.arange(40)[:, None]).any()  # never the row itself (no duplicates here)
+    np.testing.assert_allclose(distances, np.linalg.norm(x[:, None] - x[ids], axis=-1), rtol=1e-4)
+    three = x[:3]
+    distances, ids = knn_search(three, k=10)
+    assert ids.shape == (3, 2) and set(ids[0]) == {1, 2}
+    np.testing.assert_allclose(knn_distances(three, k=10), brute_force_kth_distance(three, 2), rtol=1e-4)
+    distances, ids = knn_search(x[:1])
+    assert distances.shape == ids.shape == (1, 0) and ids.dtype == np.int64
+
+
+def test_ivf_is_approximate_deterministic_and_used_above_the_exact_threshold():
+    x = np.random.default_rng(4).normal(size=(3000, 8)).astype(np.float32)
+    exact = knn_distances(x, k=5, method="exact")
+    one_probe = knn_distances(x, k=5, method="ivf", nprobe=1)
+    assert (one_probe > exact * (1 + 1e-4)).mean() > 0.05  # one list of 76 misses true neighbours
+    default = knn_distances(x, k=5, method="ivf")  # 4 probes
+    np.testing.assert_array_equal(default, knn_distances(x, k=5, method="ivf", nprobe=4))
+    assert not np.array_equal(default, one_probe) and not np.array_equal(default, exact)
+    np.testing.assert_array_equal(knn_distances(x, k=5, exact_threshold=3000), exact)  # auto: exact up to it
+    np.testing.assert_array_equal(knn_distances(x, k=5, exact_threshold=2999), default)
+
+
+def test_one_progress_bar_only_when_the_search_takes_several_query_batches(capfd):
+    x = np.random.default_rng(5).normal(size=(200, 4)).astype(np.float32)
+    knn_search(x, k=3, query_batch_size=200)
+    assert "k-NN search" not in capfd.readouterr().err
+    knn_search(x, k=3, query_batch_size=64)
+    bar = capfd.readouterr().err
+    assert "k-NN search (exact): 100%" in bar and "200/200" in bar
