@@ -86,7 +86,7 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     (
         "fifa_hf.scoring.diversity.x_knn_search",
         "faiss.cvar.distance_compute_blas_threshold = 17",
-        "a speed switch: faiss computes batches of exactly 17 queries without BLAS, the same distances",
+        "a speed switch: faiss computes batches of exactly 17 queries without BLAS (same neighbours, float rounding)",
     ),
 ]
 
