@@ -4,6 +4,7 @@
     python mutation/run.py             # generate mutants, test those without a verdict, re-test survivors, report
     python mutation/run.py selection   # only the modules named (keys of SCOPE)
     python mutation/run.py --report    # the figures of the runs so far, nothing run
+    python mutation/run.py --max-children 2   # two mutants at a time (one thread each)
 
 mutmut (configured in setup.cfg's ``[mutmut]``) mutates whole files; this script picks the functions
 that carry the behaviour (``SCOPE``), leaves out the mutants listed in ``EQUIVALENT`` (no behaviour a
@@ -160,9 +161,9 @@ def collect(modules: list[str]) -> dict[str, dict]:
     return found
 
 
-def run(names: list[str]) -> int:
+def run(names: list[str], children: int) -> int:
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **os.environ}
-    command = ["nice", "-n", "15", sys.executable, "-m", "mutmut", "run", "--max-children", "1", *names]
+    command = ["nice", "-n", "15", sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
     return subprocess.call(command, cwd=ROOT, env=env)
 
 
@@ -206,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help=f"modules of SCOPE (default: all): {', '.join(SCOPE)}")
     parser.add_argument("--report", action="store_true", help="print the figures so far; run nothing")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (one thread each)")
     args = parser.parse_args()
     unknown = set(args.modules) - set(SCOPE)
     if unknown:
@@ -216,7 +218,7 @@ def main() -> None:
         found = collect(modules)
         todo = [name for name, m in found.items() if m["status"] not in KILLED | {"equivalent"}]
         print(f"{len(todo)} of {len(found)} mutants in scope to test")
-        if todo and run(todo) != 0:
+        if todo and run(todo, args.max_children) != 0:
             print("mutmut stopped with an error (see above); verdicts so far are kept", file=sys.stderr)
     report(collect(modules))
 
