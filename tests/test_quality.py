@@ -231,3 +231,84 @@ def test_no_secret_of_the_endpoint_url_reaches_any_output(chat_server, tmp_path,
     for text in (*written, caplog.text, error, repr(scorer), scorer.identity):
         assert "pa55word-XYZ" not in text and "KEY-0123456789" not in text and "alice" not in text
     assert "api-version=2024-06-01" in (tmp_path / "out" / "fifa_config.yaml").read_text()
+
+
+def judge_copy(tiny_llm_path, directory, tokenizer_change=None):
+    """The tiny judge saved again, its tokenizer changed by ``tokenizer_change(tokenizer)``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_llm_path, directory)
+    if tokenizer_change is not None:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer_change(tokenizer)
+        tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_a_tokenizer_without_pad_token_that_appends_eos_gives_the_same_scores(tiny_llm_path, tmp_path):
+    """Many chat LLMs have no pad token, and some tokenizers end every encoding with </s>."""
+    from tokenizers import processors
+
+    def like_many_chat_llms(tokenizer):
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)]
+        )
+        tokenizer.pad_token = None
+
+    path = judge_copy(tiny_llm_path, tmp_path / "judge", like_many_chat_llms)
+    expected = TransformersQualityScorer(str(tiny_llm_path), device="cpu", batch_size=5)(PROMPTS).scores
+    assert TransformersQualityScorer(path, device="cpu", batch_size=5)(PROMPTS).scores == pytest.approx(expected)
+
+
+def test_a_tokenizer_that_cannot_tell_the_digits_apart_is_refused(tiny_llm_path, tmp_path):
+    from tokenizers import Regex, normalizers
+
+    def digits_as_zero(tokenizer):
+        tokenizer.backend_tokenizer.normalizer = normalizers.Replace(Regex(r"\d"), "0")
+
+    path = judge_copy(tiny_llm_path, tmp_path / "judge", digits_as_zero)
+    with pytest.raises(ValueError, match=r"judge: the digits 0-9 are not distinct tokens"):
+        TransformersQualityScorer(path, device="cpu")(PROMPTS)
+
+
+def test_the_judge_runs_in_the_dtype_asked_for_and_caches_apart(tiny_llm_path, tmp_path):
+    cache = ScoreCache(tmp_path / "quality.sqlite")
+    full = TransformersQualityScorer(str(tiny_llm_path), device="cpu")(PROMPTS, cache=cache).scores
+    judge = TransformersQualityScorer(str(tiny_llm_path), device="cpu", dtype="bfloat16")
+    half = judge(PROMPTS, cache=cache)
+    assert judge.loaded[0].dtype == torch.bfloat16
+    assert half.num_cached == 0 and half.scores == pytest.approx(full, abs=0.02)
+
+
+CUSTOM_JUDGE_CODE = """from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+class JudgeConfig(LlamaConfig):
+    model_type = "custom-judge"
+
+
+class JudgeForCausalLM(LlamaForCausalLM):
+    config_class = JudgeConfig
+
+
+class JudgeTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def test_a_judge_with_custom_code_loads_only_with_trust_remote_code(tiny_llm_path, tmp_path):
+    path = Path(judge_copy(tiny_llm_path, tmp_path / "custom-judge"))
+    (path / "custom_judge.py").write_text(CUSTOM_JUDGE_CODE)
+    for name, update in (
+        ("config.json", {"model_type": "custom-judge", "auto_map": {
+            "AutoConfig": "custom_judge.JudgeConfig", "AutoModelForCausalLM": "custom_judge.JudgeForCausalLM"}}),
+        ("tokenizer_config.json", {
+            "tokenizer_class": "JudgeTokenizer", "auto_map": {"AutoTokenizer": [None, "custom_judge.JudgeTokenizer"]}}),
+    ):  # fmt: skip
+        (path / name).write_text(json.dumps({**json.loads((path / name).read_text()), **update}))
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        TransformersQualityScorer(str(path), device="cpu")(PROMPTS)
+    trusted = TransformersQualityScorer(str(path), device="cpu", trust_remote_code=True)(PROMPTS).scores
+    assert trusted == pytest.approx(TransformersQualityScorer(str(tiny_llm_path), device="cpu")(PROMPTS).scores)

@@ -11,6 +11,7 @@ from fifa_hf.data import to_preference_pairs
 from fifa_hf.images import ImageDecodeError
 from fifa_hf.scoring import CLIPRewardModel, MarginScorer, PrecomputedReward
 from fifa_hf.scoring.images import CLIPImageTransform, decode_image
+from fifa_hf.scoring.rewards import RewardModel
 
 
 def jpeg(color, size=64) -> bytes:
@@ -104,6 +105,26 @@ def test_draft_mode_decodes_jpeg_at_reduced_size():
     assert decode_image(data).size == (512, 512)
     assert decode_image(data, min_size=224).size == (256, 256)
     assert decode_image(data, min_size=64).size == (64, 64)
+
+
+class ImageArea(RewardModel):
+    """A reward model of one's own (the ``RewardModel`` API): the pixels it was shown."""
+
+    image_size = 64
+
+    def _load(self):
+        return None
+
+    def score(self, prompts, images):
+        return np.array([image.width * image.height for image in images], dtype=float)
+
+
+def test_margins_see_each_image_decoded_about_as_large_as_the_reward_models_input():
+    pairs = {"prompt": ["a"], "chosen": [jpeg("red", size=512)], "rejected": [jpeg("blue", size=256)]}
+    drafted = MarginScorer(ImageArea())(pairs)
+    assert (drafted["reward_chosen"], drafted["reward_rejected"]) == ([64 * 64], [64 * 64])
+    whole = MarginScorer(ImageArea(), draft=False)(pairs)
+    assert (whole["reward_chosen"], whole["margin"]) == ([512 * 512], [512 * 512 - 256 * 256])
 
 
 def encoded(image: Image.Image, format="PNG", **kwargs) -> bytes:

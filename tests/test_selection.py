@@ -30,6 +30,16 @@ def test_fifa_score_weights_each_normalized_signal():
     np.testing.assert_allclose(fifa_score(margin, None, None, 1, 1, "none"), margin)
 
 
+def test_fifa_score_defaults_weigh_the_three_z_scored_signals_equally():
+    rng = np.random.default_rng(0)
+    margin, quality, diversity = rng.normal(size=(3, 50)) * [[1.0], [5.0], [0.1]] + [[0.0], [3.0], [-2.0]]
+
+    def z(x):
+        return (x - x.mean()) / x.std()
+
+    np.testing.assert_allclose(fifa_score(margin, quality, diversity), z(margin) + z(quality) + z(diversity))
+
+
 def test_k_as_count_or_fraction():
     assert resolve_k(3, 10) == 3 and resolve_k(0.25, 10) == 3 and resolve_k(50, 10) == 10
     with pytest.raises(ValueError):
