@@ -178,3 +178,27 @@ def test_the_shipped_world_model_loads_as_a_stable_diffusion_pipeline():
     pipeline = StableDiffusionPipeline.from_pretrained(shipped_world_model())
     assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == IMAGE_SIZE
     assert sum(p.numel() for p in pipeline.unet.parameters()) < 2_000_000
+
+
+def test_the_pretraining_script_continues_the_shipped_world_model(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from fifa_hf.world.world_model import main as pretrain_world_model
+
+    shipped = shipped_world_model()
+    pretrain_world_model([
+        "--init_from", str(shipped), "--output_dir", str(tmp_path), "--num_images", "32", "--vae_steps", "0",
+        "--unet_steps", "2", "--batch_size", "8", "--device", "cpu",
+    ])  # fmt: skip
+    log = json.loads((tmp_path / "pretraining.json").read_text())
+    assert log["unet_steps_taken"] == 2 and log["init_from"] == str(shipped)
+    before, after = (StableDiffusionPipeline.from_pretrained(path) for path in (shipped, tmp_path))
+    for name, weight in before.vae.state_dict().items():  # --vae_steps 0 keeps the VAE it continues from
+        assert torch.equal(weight, after.vae.state_dict()[name]), name
+    moved = [
+        name
+        for name, weight in before.unet.state_dict().items()
+        if not torch.equal(weight, after.unet.state_dict()[name])
+    ]
+    assert moved  # the UNet trained
