@@ -8,7 +8,6 @@ frozen copy for full fine-tuning, run under the same autocast as the policy.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -38,6 +37,7 @@ from transformers.utils import PushInProgress
 from trl.trainer.utils import disable_dropout_in_model
 
 from fifa_hf.data import to_preference_pairs
+from fifa_hf.progress import datasets_bars_disabled
 from fifa_hf.resolve import resolve_hub_reference
 from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
 from fifa_hf.trainer.config import DiffusionDPOConfig
@@ -119,17 +119,6 @@ def _enable_diffusers_checkpointing(unet: torch.nn.Module, kwargs: dict | None) 
 
     activation_checkpointing_enable()
     unet.activation_checkpointing_enable = activation_checkpointing_enable
-
-
-@contextlib.contextmanager
-def _datasets_progress_bars_off():
-    enabled = not datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
 
 
 def _train_unless_training(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
@@ -339,7 +328,7 @@ class DiffusionDPOTrainer(Trainer):
         if len(pairs) == 0:
             problem = "it has no rows" if report.rows_in == 0 else f"every row was dropped ({report})"
             raise ValueError(f"{name}_dataset holds no usable preference pair: {problem}.")
-        with _datasets_progress_bars_off():  # an internal flattening of the kept rows, not a step of its own
+        with datasets_bars_disabled():  # an internal flattening of the kept rows, not a step of its own
             return pairs.select_columns(["prompt", "chosen", "rejected"]).add_column("pair_index", range(len(pairs)))
 
     def get_eval_dataloader(self, eval_dataset=None):
