@@ -67,3 +67,17 @@ def test_persistent_dataloader_workers_see_each_new_epoch():
     assert not torch.equal(batches[0]["chosen_pixel_values"], batches[1]["chosen_pixel_values"])
     collator.epoch = 0
     assert torch.equal(next(iter(loader))["chosen_pixel_values"], batches[0]["chosen_pixel_values"])
+
+
+def test_cached_latents_see_the_flips_and_caption_dropout_the_pixel_path_would_draw():
+    for options in ({}, {"hflip": True, "proportion_empty_prompts": 0.3, "seed": 7}):
+        pixels = DiffusionDPOCollator(resolution=32, **options)
+        cached = CachedPairCollator(**options)
+        for epoch in (0, 1):
+            pixels.epoch = cached.epoch = epoch
+            batch, indices = pixels(rows(32)), cached(rows(32))
+            flipped = batch["chosen_pixel_values"][:, 0, 0, 0] > 0  # the bright half moved to the left
+            assert indices["flip"].tolist() == flipped.tolist() and 0 < flipped.sum() < 32
+            assert indices["drop_prompt"].tolist() == [prompt == "" for prompt in batch["prompts"]]
+            assert indices["pair_index"].tolist() == list(range(32))
+        assert not options or 0 < sum(indices["drop_prompt"].tolist()) < 32
