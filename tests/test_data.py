@@ -112,6 +112,8 @@ def test_row_report_must_add_up():
         RowReport("x", 3, 1, {"tie": 1})
     report = RowReport.from_reasons("x", ["", "tie", "", "no_label", "tie"])
     assert (report.rows_in, report.rows_kept, report.dropped) == (5, 2, {"no_label": 1, "tie": 2})
+    assert str(report) == "x: 5 in, 2 kept, dropped: no_label=1, tie=2"
+    assert str(RowReport("x", 2, 2)) == "x: 2 in, 2 kept, dropped: none"
 
 
 def test_load_from_disk_parquet_and_streaming(tmp_path, synthetic_pickapic):
