@@ -186,6 +186,29 @@ EQUIVALENT: list[tuple[str, str, str]] = [
             "drops.append(bool(torch.rand((), generator=generator) <= self.proportion_empty_prompts))",
         )
     ],
+    *[
+        (
+            "fifa_hf.trainer.collator.xǁDiffusionDPOCollatorǁ__call__",
+            line,
+            "torch.rand draws exactly the threshold with probability 2^-24 at most",
+        )
+        for line in (
+            "flip = self.hflip and bool(torch.rand((), generator=generator) <= 0.5)",
+            "drop = bool(torch.rand((), generator=generator) <= self.proportion_empty_prompts)",
+        )
+    ],
+    *[
+        ("fifa_hf.trainer.collator.xǁSharedEpochǁ__init__", line, "a float32 epoch is exact up to 2^24 epochs")
+        for line in (
+            "self._value = torch.zeros((), dtype=None).share_memory_()",
+            "self._value = torch.zeros((), ).share_memory_()",
+        )
+    ],
+    (
+        "fifa_hf.data.x__label_reason",
+        "if label_0 is None and (isinstance(label_0, float) and math.isnan(label_0)) or label_0 not in (0, 0.5, 1):",
+        "None and NaN are not in (0, 0.5, 1): the membership test gives them the same reason",
+    ),
     (
         "fifa_hf.scoring.diversity.xǁPromptEmbedderǁ__init__",
         "self, model_name_or_path: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None, batch_size: int = 257",
