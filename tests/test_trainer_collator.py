@@ -3,7 +3,7 @@ import io
 import torch
 from PIL import Image
 
-from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
+from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator, crop_pair
 
 
 def png(image: Image.Image) -> bytes:
@@ -67,3 +67,68 @@ def test_persistent_dataloader_workers_see_each_new_epoch():
     assert not torch.equal(batches[0]["chosen_pixel_values"], batches[1]["chosen_pixel_values"])
     collator.epoch = 0
     assert torch.equal(next(iter(loader))["chosen_pixel_values"], batches[0]["chosen_pixel_values"])
+
+
+def test_cached_latents_see_the_flips_and_caption_dropout_the_pixel_path_would_draw():
+    for options in ({}, {"hflip": True, "proportion_empty_prompts": 0.3, "seed": 7}):
+        pixels = DiffusionDPOCollator(resolution=32, **options)
+        cached = CachedPairCollator(**options)
+        for epoch in (0, 1):
+            pixels.epoch = cached.epoch = epoch
+            batch, indices = pixels(rows(32)), cached(rows(32))
+            flipped = batch["chosen_pixel_values"][:, 0, 0, 0] > 0  # the bright half moved to the left
+            assert indices["flip"].tolist() == flipped.tolist() and 0 < flipped.sum() < 32
+            assert indices["drop_prompt"].tolist() == [prompt == "" for prompt in batch["prompts"]]
+            assert indices["pair_index"].tolist() == list(range(32))
+        assert not options or 0 < sum(indices["drop_prompt"].tolist()) < 32
+
+
+def coordinates(width: int, height: int) -> Image.Image:
+    """Red = 5 x column, green = 5 x row: a crop's pixels say where it came from."""
+    x, y = torch.meshgrid(torch.arange(width), torch.arange(height), indexing="xy")
+    pixels = torch.stack([x * 5, y * 5, torch.zeros_like(x)], dim=-1).to(torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def column_row(tensor: torch.Tensor, row: int = 0, column: int = 0) -> tuple[int, int]:
+    """The source (column, row) of one pixel of a [-1, 1] tensor cut from ``coordinates``."""
+    red, green = ((tensor[:2, row, column] + 1) * 127.5 / 5).round().int().tolist()
+    return red, green
+
+
+def test_pixels_are_scaled_to_minus_one_one_as_the_vae_expects():
+    black, white = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 255, 255))
+    low, high, _, _ = crop_pair(black, white, 8, random_crop=False, flip=False)
+    assert low.dtype == high.dtype == torch.float32 and low.shape == (3, 8, 8)
+    assert low.unique().tolist() == [-1.0] and high.unique().tolist() == [1.0]
+
+
+def test_center_crops_of_wide_and_tall_images_and_where_a_flipped_crop_sits():
+    wide, tall = coordinates(48, 40), coordinates(40, 48)
+    chosen, _, size, crop = crop_pair(wide, wide, 40, random_crop=False, flip=False)
+    assert (size, crop, column_row(chosen)) == ((40, 48), (0, 4), (4, 0))
+    chosen, _, size, crop = crop_pair(tall, tall, 40, random_crop=False, flip=False)
+    assert (size, crop, column_row(chosen)) == ((48, 40), (4, 0), (0, 4))
+    flipped, _, _, (top, left) = crop_pair(wide, wide, 40, random_crop=False, flip=True)
+    assert left == 4 and column_row(flipped) == (43, 0)  # the flipped crop's first column is the source's last
+    halved, _, size, crop = crop_pair(coordinates(96, 80), coordinates(96, 80), 40, random_crop=False, flip=False)
+    assert size == (80, 96) and crop == (0, 4) and halved.shape == (3, 40, 40)  # scaled to 48 x 40 first
+
+
+def test_random_crops_stay_inside_the_image_cover_it_and_repeat_with_the_generator():
+    wide = coordinates(48, 40)
+    lefts = []
+    for seed in range(64):
+        chosen, rejected, _, (top, left) = crop_pair(
+            wide, wide, 40, random_crop=True, flip=False, generator=torch.Generator().manual_seed(seed)
+        )
+        assert top == 0 and column_row(chosen) == (left, 0) and torch.equal(chosen, rejected)
+        again = crop_pair(wide, wide, 40, random_crop=True, flip=False, generator=torch.Generator().manual_seed(seed))
+        assert again[3] == (top, left)
+        lefts.append(left)
+    assert set(lefts) == set(range(9))  # every position from 0 to 48 - 40
+    tall = coordinates(40, 48)
+    tops = {crop_pair(tall, tall, 40, True, False, torch.Generator().manual_seed(s))[3][0] for s in range(64)}
+    assert tops == set(range(9))
+    collator = DiffusionDPOCollator(resolution=32, random_crop=True, seed=3)
+    assert torch.equal(collator(rows(8))["crop_top_lefts"], collator(rows(8))["crop_top_lefts"])

@@ -41,7 +41,6 @@ class MarginScorer:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, list], rank: int | None = None) -> dict[str, list]:
-        n = len(batch["prompt"])
         if isinstance(self.reward_model, PrecomputedReward):
             chosen = np.asarray(batch["reward_chosen"], dtype=np.float64)
             rejected = np.asarray(batch["reward_rejected"], dtype=np.float64)
@@ -57,7 +56,7 @@ class MarginScorer:
             "reward_chosen": chosen.tolist(),
             "reward_rejected": rejected.tolist(),
             "margin": (np.abs(margin) if self.absolute else margin).tolist(),
-            "margin_error": errors if len(errors) == n else [""] * n,
+            "margin_error": errors,
         }
 
     def _score_images(self, batch: dict[str, list]) -> tuple[np.ndarray, np.ndarray, list[str]]:
