@@ -219,7 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     from trl import TrlParser
 
     parser = TrlParser(command.argument_classes(), prog=f"fifa-hf {namespace.command}", description=command.summary)
-    command.run(*parser.parse_args_and_config(argv[1:]))
+    arguments = parser.parse_args_and_config(argv[1:])
+    from fifa_hf.resolve import ResolutionError
+
+    try:
+        command.run(*arguments)
+    except ResolutionError as error:  # a flag the user can fix: say which, as argparse does, without a traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

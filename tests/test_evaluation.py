@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -27,7 +26,7 @@ from fifa_hf.evaluation import (
     summarize,
     win_rate,
 )
-from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, ResolutionError
+from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES
 from fifa_hf.scoring import CLIPRewardModel
 from fifa_hf.scoring.rewards import load_reward_model
 from fifa_hf.testing import tiny_sd_pipeline
@@ -239,7 +238,7 @@ def test_reward_callback_logs_beside_the_trainer_and_sends_samples_to_tensorboar
     assert [e.step for e in events.Images("eval/samples")] == [0, 2, 4]
 
 
-def test_evaluate_fails_before_any_image_naming_the_flag_and_the_id(tmp_path, tiny_sd_path, tiny_clip_path):
+def test_evaluate_fails_before_any_image_naming_the_flag_and_the_id(tmp_path, tiny_sd_path, tiny_clip_path, capsys):
     output_dir = tmp_path / "eval"
     base = [
         "evaluate", "--model_name_or_path", str(tiny_sd_path), "--reward", f"clip:{tiny_clip_path}",
@@ -255,8 +254,9 @@ def test_evaluate_fails_before_any_image_naming_the_flag_and_the_id(tmp_path, ti
     }  # fmt: skip
     with mock.patch("fifa_hf.evaluation.evaluate.load_for_evaluation") as load:
         for flag_and_value, culprit in culprits.items():
-            with pytest.raises(ResolutionError, match=re.escape(culprit)):
+            with pytest.raises(SystemExit) as exit_:
                 main([*base, *flag_and_value])
+            assert exit_.value.code == 2 and culprit in capsys.readouterr().err
     load.assert_not_called()
     assert not (output_dir / "images").exists()
 

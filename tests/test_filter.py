@@ -157,9 +157,12 @@ def test_without_network_the_filter_fails_before_any_work_naming_flag_model_and_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source = synthetic_source(tmp_path / "rows", 8)
     out = tmp_path / "o"
-    with pytest.raises(ResolutionError) as error:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         main(["filter", "--dataset_name", str(source), "--output_dir", str(out)])  # the default Hub models
-    message = str(error.value)
+    assert exit_.value.code == 2  # a usage error, without a traceback
+    message = capsys.readouterr().err
+    assert message.startswith("fifa-hf filter: error: ")
     assert "--reward_model" in message and "yuvalkirstain/PickScore_v1" in message and "hf download" in message
     assert not out.exists()  # nothing was scored
     with pytest.raises(ResolutionError, match=r"--dataset_name: the local path .*nowhere.* does not exist"):

@@ -80,3 +80,4 @@ def test_world_model_pretraining_answers_help(capsys):
 
     out = help_of(lambda: pretrain(["--help"]), capsys)
     assert "--output_dir" in out and "--unet_steps" in out
+    assert "Rendered (prompt, image) pairs" in out and "EMA of the weights" in out  # every flag says what it sets

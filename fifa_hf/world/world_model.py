@@ -323,17 +323,17 @@ def shipped_world_model() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="fifa_hf/resources/world_model")
-    parser.add_argument("--num_images", type=int, default=200_000)
-    parser.add_argument("--vae_steps", type=int, default=3000)
-    parser.add_argument("--unet_steps", type=int, default=12_000)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_dir", default="fifa_hf/resources/world_model", help="Where the pipeline is saved.")
+    parser.add_argument("--num_images", type=int, default=200_000, help="Rendered (prompt, image) pairs to train on.")
+    parser.add_argument("--vae_steps", type=int, default=3000, help="VAE steps; 0 keeps --init_from's VAE.")
+    parser.add_argument("--unet_steps", type=int, default=12_000, help="UNet steps (at most; see --max_seconds).")
+    parser.add_argument("--batch_size", type=int, default=256, help="Images per step, for the VAE and the UNet.")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak UNet learning rate (cosine).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the renders, the weights and the batches.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where to train.")
     parser.add_argument("--processes", type=int, default=1, help="Processes that render the pre-training set.")
     parser.add_argument("--max_seconds", type=float, default=None, help="Fit pre-training into this many seconds.")
-    parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="The saved UNet is this EMA of the weights.")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet (GPU).")
     parser.add_argument(
         "--init_from",
