@@ -33,11 +33,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from fifa_hf.testing import LoopbackChatEndpoint, chat_completion
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -107,7 +108,7 @@ def options(root: Path, models: dict) -> None:
     )
 
 
-class FaultyEndpoint:
+class FaultyEndpoint(LoopbackChatEndpoint):
     """An OpenAI-compatible endpoint on loopback: 20% HTTP 500, 10% hang, 10% free text, 10% malformed JSON."""
 
     FREE_TEXT = ["Sure! Here are 3 thoughts on this prompt.", "As an AI, I rate prompts on a 0 to 9 scale."]
@@ -115,47 +116,30 @@ class FaultyEndpoint:
     def __init__(self, seed: int = 0):
         self.random = random.Random(seed)
         self.lock = threading.Lock()
-        self.answers: dict[str, list[str]] = {}
-        endpoint = self
+        self.answers: dict[str, list[str]] = {}  # what each prompt was answered, in order
+        super().__init__(self.reply)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"].rsplit("Prompt: ", 1)[-1]
-                with endpoint.lock:
-                    draw = endpoint.random.random()
-                    digit = str(endpoint.random.randint(0, 9))
-                if "always garbage" in prompt:
-                    draw = 0.35
-                if draw < 0.2:
-                    return self.reply(500, b'{"error": "overloaded"}', prompt, "500")
-                if draw < 0.3:
-                    time.sleep(1.5)
-                    return self.reply(200, b"{}", prompt, "hang")
-                answer = endpoint.FREE_TEXT[int(draw * 100) % 2] if draw < 0.4 else digit
-                if draw < 0.5 and draw >= 0.4:
-                    return self.reply(200, b'{"choices": [{"message": ', prompt, "malformed")
-                payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
-                self.reply(200, json.dumps(payload).encode(), prompt, answer)
-
-            def reply(self, status, data, prompt, what):
-                with endpoint.lock:
-                    endpoint.answers.setdefault(prompt, []).append(what)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def reply(self, prompt: str, times_asked: int) -> tuple[int, dict | bytes]:
+        with self.lock:
+            draw = self.random.random()
+            digit = str(self.random.randint(0, 9))
+        if "always garbage" in prompt:
+            draw = 0.35
+        if draw < 0.2:
+            status, payload, what = 500, b'{"error": "overloaded"}', "500"
+        elif draw < 0.3:
+            time.sleep(1.5)
+            status, payload, what = 200, b"{}", "hang"
+        elif draw < 0.4:
+            answer = self.FREE_TEXT[int(draw * 100) % 2]
+            status, payload, what = 200, chat_completion(answer), answer
+        elif draw < 0.5:
+            status, payload, what = 200, b'{"choices": [{"message": ', "malformed"
+        else:
+            status, payload, what = 200, chat_completion(digit), digit
+        with self.lock:
+            self.answers.setdefault(prompt, []).append(what)
+        return status, payload
 
 
 def endpoint(root: Path, models: dict) -> None:

@@ -1,12 +1,18 @@
-"""Tiny, offline stand-ins for the Hub models fifa-hf uses.
+"""Tiny, offline stand-ins for the Hub models and the LLM endpoint fifa-hf uses.
 
 Each ``save_tiny_*`` writes a directory that loads through the very ``from_pretrained`` calls users
 make with Hub ids, so tests, benchmarks and the demo exercise the real code paths without network
 access. Tokenizers are built in memory from byte-level vocabularies with no merges.
+``LoopbackChatEndpoint`` is a real HTTP chat-completions server on 127.0.0.1 whose replies a test decides.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -220,3 +226,61 @@ def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def chat_completion(answer: str, model: str = "judge") -> dict:
+    """The JSON body of an OpenAI chat completion whose one message is ``answer``."""
+    return {
+        "id": "completion", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }  # fmt: skip
+
+
+class LoopbackChatEndpoint:
+    """An OpenAI-compatible ``/chat/completions`` server on loopback, for offline tests of endpoint scoring.
+
+    ``respond(prompt, times_asked)`` returns each reply's HTTP status and body (a dict is sent as JSON,
+    bytes as they are, to send malformed JSON); it may sleep to hang. ``prompt`` is the text after the
+    last ``"Prompt: "`` of the request's last message. Every request's prompt, path and Authorization
+    header is recorded, to check what the client sent.
+    """
+
+    def __init__(self, respond: Callable[[str, int], tuple[int, dict | bytes]]):
+        self.requests: Counter[str] = Counter()
+        self.authorization: set[str] = set()
+        self.paths: set[str] = set()
+        lock = threading.Lock()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"].rsplit("Prompt: ", 1)[-1]
+                with lock:
+                    endpoint.requests[prompt] += 1
+                    endpoint.authorization.add(self.headers.get("Authorization", ""))
+                    endpoint.paths.add(self.path)
+                    times_asked = endpoint.requests[prompt]
+                status, payload = respond(prompt, times_asked)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (a hang it was told to time out on)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"http://{self.host}/v1"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,10 +1,7 @@
 import json
 import logging
 import math
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,7 @@ import torch
 
 from fifa_hf.scoring import EndpointQualityScorer, HeuristicQualityScorer, ScoreCache, TransformersQualityScorer
 from fifa_hf.scoring.quality import parse_score
+from fifa_hf.testing import LoopbackChatEndpoint, chat_completion
 
 PROMPTS = ["a red cube on a table", "asdf asdf", "a watercolor of a lighthouse at dusk", "!!!", "a cat"]
 
@@ -102,62 +100,23 @@ def test_only_the_requested_digit_is_a_score(answer, score):
     assert parse_score(answer) == (pytest.approx(score) if score is not None else None)
 
 
-class FaultyChatServer:
-    """A real OpenAI-compatible chat endpoint on loopback that injects faults by prompt content."""
+FREE_TEXT = {"garbage": "Sure! Here are 3 thoughts on this prompt.", "disclaimer": "As an AI, I rate prompts on a 0 to 9 scale."}  # fmt: skip
 
-    ANSWERS = {"garbage": "Sure! Here are 3 thoughts on this prompt.", "disclaimer": "As an AI, I rate prompts on a 0 to 9 scale."}  # fmt: skip
 
-    def __init__(self):
-        self.requests: Counter[str] = Counter()
-        self.authorization: set[str] = set()
-        self.paths: set[str] = set()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"].rsplit("Prompt: ", 1)[-1]
-                server.requests[prompt] += 1
-                server.authorization.add(self.headers.get("Authorization", ""))
-                server.paths.add(self.path)
-                if "flaky" in prompt and server.requests[prompt] <= 2:
-                    return self._reply(500, {"error": "boom"})
-                if "malformed" in prompt:
-                    return self._reply(200, "{not json")
-                if "slow" in prompt:
-                    time.sleep(0.6)
-                answer = next((text for key, text in server.ANSWERS.items() if key in prompt), "7")
-                self._reply(200, {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model") or "m",
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })  # fmt: skip
-
-            def _reply(self, status, payload):
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+def faulty_reply(prompt: str, times_asked: int) -> tuple[int, dict | bytes]:
+    """Faults chosen by the prompt's words: flaky (two HTTP 500s, then an answer), malformed JSON, slow, free text."""
+    if "flaky" in prompt and times_asked <= 2:
+        return 500, {"error": "boom"}
+    if "malformed" in prompt:
+        return 200, b"{not json"
+    if "slow" in prompt:
+        time.sleep(0.6)
+    return 200, chat_completion(next((text for key, text in FREE_TEXT.items() if key in prompt), "7"))
 
 
 @pytest.fixture
 def chat_server():
-    server = FaultyChatServer()
+    server = LoopbackChatEndpoint(faulty_reply)
     yield server
     server.close()
 
