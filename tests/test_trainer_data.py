@@ -33,3 +33,13 @@ def test_an_empty_dataset_is_a_clear_error(tiny_sd_path, tmp_path):
     empty = datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
     with pytest.raises(ValueError, match="train_dataset holds no usable preference pair: it has no rows"):
         DiffusionDPOTrainer(str(tiny_sd_path), config(tmp_path), train_dataset=empty)
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_the_latent_cache_shows_one_bar_unless_disable_tqdm(tiny_sd_path, tmp_path, capsys, disable_tqdm):
+    data = make_synthetic_pickapic(4, seed=0, image_size=32, tie_fraction=0, unlabeled_fraction=0)
+    DiffusionDPOTrainer(
+        str(tiny_sd_path), config(tmp_path, cache_latents=True, disable_tqdm=disable_tqdm), train_dataset=data
+    )
+    shown = "Caching VAE latents and prompt embeddings (train)" in capsys.readouterr().err
+    assert shown is not disable_tqdm

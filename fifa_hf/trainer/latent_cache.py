@@ -129,8 +129,10 @@ def build_latent_cache(
     batch_size: int,
     num_workers: int = 0,
     description: str = "Caching VAE latents",
+    show_progress: bool = True,
 ) -> LatentCache:
-    """Encode every pair (each flip) and every unique prompt once; one progress bar over the pairs."""
+    """Encode every pair (each flip) and every unique prompt once; one progress bar over the pairs (on the
+    main process, unless ``show_progress`` is off)."""
     latents: dict[bool, list[torch.Tensor]] = {flip: [] for flip in flips}
     crops: dict[bool, list] = {flip: [] for flip in flips}
     sizes: list = []
@@ -138,8 +140,9 @@ def build_latent_cache(
         _PairPixels(pairs, resolution, flips), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
     with tqdm(
-        total=len(pairs), desc=description, unit="pair", disable=not PartialState().is_local_main_process
-    ) as bar:
+        total=len(pairs), desc=description, unit="pair",
+        disable=not (show_progress and PartialState().is_local_main_process),
+    ) as bar:  # fmt: skip
         for batch in loader:
             for flip, (pixels, batch_crops, batch_sizes) in batch.items():
                 parameters = encode_images(pixels.flatten(0, 1)).unflatten(0, (len(pixels), 2))

@@ -392,6 +392,7 @@ class DiffusionDPOTrainer(Trainer):
             batch_size=max(1, self.args.per_device_train_batch_size),
             num_workers=self.args.dataloader_num_workers,
             description=f"Caching VAE latents and prompt embeddings ({mode})",
+            show_progress=not self.args.disable_tqdm,  # TrainingArguments' switch for every bar of a run
         )
 
     def _batch_from_cache(self, inputs: dict[str, torch.Tensor], cache: LatentCache):
