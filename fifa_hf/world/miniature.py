@@ -107,10 +107,10 @@ class MiniatureArguments:
     batch_size: int = 16
     sweep: bool = True
     sweep_grid: tuple[tuple[int, float, float], ...] = (
-        (0, 3e-6, 2500.0), (0, 1e-5, 2500.0), (0, 1e-5, 500.0),
-        (16, 3e-4, 500.0), (16, 1e-3, 500.0), (16, 1e-3, 2500.0),
-    )  # (lora_rank, learning_rate, beta); lora_rank 0 trains the whole UNet  # fmt: skip
-    sweep_steps: tuple[int, ...] = (45, 90)
+        (0, 1e-5, 500.0), (0, 1e-4, 500.0), (0, 1e-4, 2500.0),
+        (16, 1e-3, 500.0), (16, 3e-3, 500.0), (16, 3e-3, 2500.0),
+    )  # (lora_rank, learning_rate, beta); lora_rank 0 trains the whole UNet; amendment 3  # fmt: skip
+    sweep_steps: tuple[int, ...] = (60, 120, 240)
     drift_tolerance: float = 0.01
     # Evaluation: every run is evaluated ``evaluations`` times, evenly spaced; the endpoint is the mean of
     # the last three.
