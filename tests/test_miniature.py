@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -139,6 +140,19 @@ def test_a_rerun_skips_finished_runs_and_redoes_missing_and_stale_ones(tiny_runs
     base.write_text(json.dumps(stale))
     run_all(specs, args, "tiny")
     assert json.loads(base.read_text())["fingerprint"] == results[0]["fingerprint"]
+    redone = base.stat().st_mtime_ns
+    run_all(specs[:1], args, "tiny")  # a call that asks for fewer arms (stage 0's base model first)
+    assert base.stat().st_mtime_ns == redone  # the finished base run is still finished
+
+
+def test_a_base_run_stays_finished_when_a_later_call_asks_for_more_arms(tiny_runs, tmp_path):
+    args, specs, _ = tiny_runs
+    args = dataclasses.replace(args, output_dir=str(tmp_path))
+    base = tmp_path / "runs" / "main" / "base-w7-s0.json"
+    run_all(specs[:1], args, "stage 0's base model first")
+    finished = base.stat().st_mtime_ns
+    run_all(specs, args, "then the trained arms of the same block")
+    assert base.stat().st_mtime_ns == finished
 
 
 def test_the_report_writes_results_json_in_the_published_shape(tiny_runs):

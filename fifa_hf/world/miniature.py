@@ -266,8 +266,8 @@ def _filter_key(args: MiniatureArguments, world_seed: int) -> dict | None:
 
 def prepare_world(world_seed: int, arms: tuple[str, ...], args: MiniatureArguments, output_dir: Path) -> dict:
     """Every arm's training rows for one world seed, written to ``worlds/w<seed>.json`` and reused while the
-    world, the arms and the filter settings are unchanged (so a GPU machine without the embedding model can
-    train on subsets chosen elsewhere)."""
+    world and the filter settings are unchanged and it holds every arm asked for (so a GPU machine without the
+    embedding model can train on subsets chosen elsewhere)."""
     path = output_dir / "worlds" / f"w{world_seed}.json"
     rows = world_rows(world_seed, args.num_pairs, args.label_temperature)
     methods = [arm for arm in arms if arm not in (*DATA_ARMS, "base")]
@@ -283,10 +283,11 @@ def prepare_world(world_seed: int, arms: tuple[str, ...], args: MiniatureArgumen
     if path.exists():
         world = json.loads(path.read_text())
         stored = dict(world["key"])
-        if methods and filter_key is None:  # no embedding model here: trust the subsets chosen elsewhere
+        if filter_key is None:  # no method asked for, or no embedding model here: trust the subsets chosen elsewhere
             stored.pop("filter", None)
-        if stored == key:
-            return world
+        stored_arms = stored.pop("arms")
+        if stored == {name: value for name, value in key.items() if name != "arms"} and set(arms) <= set(stored_arms):
+            return world  # prepared for these arms and perhaps more: a call asking for fewer reuses it as it is
     if methods and filter_key is None:
         _filter_config(args, world_seed, Path("filter"))  # raises the missing package's error and its fix
     usable = usable_row_ids(rows)
@@ -557,17 +558,13 @@ def run_path(output_dir: Path, spec: RunSpec) -> Path:
 
 
 def run_fingerprint(spec: RunSpec, args: MiniatureArguments, model_fingerprint: str, world: dict) -> str:
-    """Everything a run's result depends on: a result file with another fingerprint is stale."""
+    """Everything a run's result depends on: a result file with another fingerprint is stale. The world enters
+    through its rows and the run's own subset, not through the other arms its world file was prepared for, so
+    a run stays finished whichever arms a call asks for."""
     subset = world["subsets"].get(spec.arm) if spec.settings is not None else None
+    rows = {name: value for name, value in world["key"].items() if name not in ("arms", "filter")}
     return _digest(
-        [
-            dataclasses.asdict(spec),
-            args.world_fields(),
-            args.evaluation_fields(),
-            model_fingerprint,
-            world["key"],
-            subset,
-        ]
+        [dataclasses.asdict(spec), args.world_fields(), args.evaluation_fields(), model_fingerprint, rows, subset]
     )
 
 
