@@ -217,6 +217,17 @@ def test_identical_runs_are_reproducible(tiny_sd_path, pairs, tmp_path):
     assert runs[0] == runs[1] and len(set(runs[0])) == 3
 
 
+def test_an_accumulation_longer_than_an_epoch_is_flagged_before_training(tiny_sd_path, pairs, tmp_path, caplog):
+    """transformers steps at every epoch's end: 8 accumulated batches of 4 over 16 pairs would update on 16."""
+    with caplog.at_level("WARNING", logger="fifa_hf.trainer.trainer"):
+        DiffusionDPOTrainer(str(tiny_sd_path), config(tmp_path, gradient_accumulation_steps=4), train_dataset=pairs)
+        assert not [r for r in caplog.records if "gradient_accumulation_steps" in r.getMessage()]
+        DiffusionDPOTrainer(str(tiny_sd_path), config(tmp_path, gradient_accumulation_steps=8), train_dataset=pairs)
+    (warning,) = [r.getMessage() for r in caplog.records if "gradient_accumulation_steps" in r.getMessage()]
+    assert "more than the 4 batches of an epoch (16 pairs)" in warning
+    assert "each update averages 16 pairs, not 32" in warning
+
+
 def test_a_pipeline_loaded_in_bf16_trains_a_fp32_lora_and_refuses_a_full_fine_tune(tiny_sd_path, pairs, tmp_path):
     pipeline = DiffusionPipeline.from_pretrained(tiny_sd_path, torch_dtype=torch.bfloat16)
     trainer = DiffusionDPOTrainer(pipeline, config(tmp_path), train_dataset=pairs, peft_config=LoraConfig(**LORA))

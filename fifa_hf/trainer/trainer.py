@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -166,6 +167,20 @@ class _DiffusersTensorBoardCallback(TensorBoardCallback):
             self.tb_writer.add_text("model_config", json.dumps(dict(model.config), indent=2, default=str))
 
 
+def _warn_if_accumulation_spans_epochs(args: DiffusionDPOConfig, num_pairs: int) -> None:
+    """transformers steps the optimizer at the end of every epoch, so an accumulation longer than an epoch gives
+    smaller updates than asked for, silently: say so before training starts."""
+    batches = math.ceil(num_pairs / (args.per_device_train_batch_size * args.world_size))
+    if args.gradient_accumulation_steps > batches:
+        logger.warning(
+            "gradient_accumulation_steps=%d is more than the %d batches of an epoch (%d pairs): transformers steps at "
+            "the end of every epoch, so each update averages %d pairs, not %d. Lower gradient_accumulation_steps to "
+            "at most %d, or repeat the dataset's rows for larger updates.",
+            args.gradient_accumulation_steps, batches, num_pairs, num_pairs,
+            args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps, batches,
+        )  # fmt: skip
+
+
 class DiffusionDPOTrainer(Trainer):
     """Trainer for Diffusion-DPO (Wallace et al., 2023) on canonical or Pick-a-Pic preference data.
 
@@ -279,6 +294,8 @@ class DiffusionDPOTrainer(Trainer):
         for index, callback in enumerate(callbacks):  # in place: callbacks run in order
             if type(callback) is TensorBoardCallback:
                 callbacks[index] = _DiffusersTensorBoardCallback()
+        if train_dataset is not None:
+            _warn_if_accumulation_spans_epochs(args, len(train_dataset))
         for module in self._frozen_modules():
             module.to(self.accelerator.device)
         if self.ref_unet is not None:
