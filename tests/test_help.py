@@ -81,3 +81,14 @@ def test_world_model_pretraining_answers_help(capsys):
     out = help_of(lambda: pretrain(["--help"]), capsys)
     assert "--output_dir" in out and "--unet_steps" in out
     assert "Rendered (prompt, image) pairs" in out and "EMA of the weights" in out  # every flag says what it sets
+
+
+def test_the_miniatures_diagnostics_answer_help(capsys, monkeypatch):
+    from fifa_hf.world.gradient_noise import main as gradient_noise
+
+    out = help_of(lambda: gradient_noise(["--help"]), capsys)
+    assert "--examples" in out and "Pair visits" in out and "--world_seed" in out
+    monkeypatch.setattr(sys, "argv", ["probe.py", "--help"])
+    probe = ROOT / "docs" / "miniature" / "probes" / "probe.py"
+    out = help_of(lambda: runpy.run_path(str(probe), run_name="__main__"), capsys)
+    assert "--accumulation" in out and "--repeat" in out and "--on_policy" in out

@@ -70,10 +70,10 @@ def on_policy_rows(rows: datasets.Dataset, count: int, args: miniature.Miniature
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--beta", type=float, default=500.0)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Constant after a short warm-up.")
+    parser.add_argument("--beta", type=float, default=500.0, help="Diffusion-DPO's beta.")
     parser.add_argument("--accumulation", type=int, default=32, help="Micro-batches of 16 pairs per update.")
-    parser.add_argument("--updates", type=int, default=20)
+    parser.add_argument("--updates", type=int, default=20, help="Optimizer updates.")
     parser.add_argument("--every", type=int, default=5, help="Evaluate every this many updates.")
     parser.add_argument("--repeat", type=int, default=1, help="Copies of the oracle's pairs in an epoch.")
     parser.add_argument("--sft", action="store_true", help="Train on the chosen images only.")
