@@ -91,4 +91,8 @@ def test_the_miniatures_diagnostics_answer_help(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["probe.py", "--help"])
     probe = ROOT / "docs" / "miniature" / "probes" / "probe.py"
     out = help_of(lambda: runpy.run_path(str(probe), run_name="__main__"), capsys)
-    assert "--accumulation" in out and "--repeat" in out and "--on_policy" in out
+    assert "--accumulation" in out and "--repeat" in out and "--on_policy" in out and "--model" in out
+    monkeypatch.setattr(sys, "argv", ["faithful_captions.py", "--help"])
+    script = ROOT / "docs" / "miniature" / "probes" / "faithful_captions.py"
+    out = help_of(lambda: runpy.run_path(str(script), run_name="__main__"), capsys)
+    assert "--minutes" in out and "--output_dir" in out

@@ -36,7 +36,9 @@ WORLD_SEED = 200  # the validation world of the sweep; never a control or test w
 HERE = Path(__file__).parent
 
 
-def on_policy_rows(rows: datasets.Dataset, count: int, args: miniature.MiniatureArguments) -> datasets.Dataset:
+def on_policy_rows(
+    rows: datasets.Dataset, count: int, args: miniature.MiniatureArguments, model: str
+) -> datasets.Dataset:
     """The first ``count`` usable rows with both images replaced by the world model's samples for the caption."""
     subset = rows.select(miniature.usable_row_ids(rows)[:count])
     captions = [caption for caption in subset["caption"] for _ in range(2)]
@@ -44,7 +46,7 @@ def on_policy_rows(rows: datasets.Dataset, count: int, args: miniature.Miniature
         (len(captions), 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2), generator=torch.Generator().manual_seed(0)
     )
     evaluation = miniature.EvaluationSet(captions, ["clean"] * len(captions), [None] * len(captions), noise)
-    images = miniature.sample_images(load_pipeline(str(miniature.shipped_world_model())), evaluation, args, 64)
+    images = miniature.sample_images(load_pipeline(model), evaluation, args, 64)
     rewards, harms = [], []
     for caption, image in zip(captions, images):
         target, shown = parse_prompt(caption), read_attributes(image)
@@ -79,13 +81,15 @@ def main() -> None:
     parser.add_argument("--sft", action="store_true", help="Train on the chosen images only.")
     parser.add_argument("--on_policy", type=int, default=0, help="Rows whose images are the model's own samples.")
     parser.add_argument("--base", action="store_true", help="Only evaluate the world model.")
+    parser.add_argument("--model", default=None, help="A world model other than the shipped one.")
     options = parser.parse_args()
     torch.set_num_threads(2)
     output_dir = Path("probe_scratch") / ("on_policy" if options.on_policy else "renders")
     args = miniature.MiniatureArguments(output_dir=str(output_dir))
+    model = options.model or str(miniature.shipped_world_model())
     rows = miniature.world_rows(WORLD_SEED, args.num_pairs, args.label_temperature)
     if options.on_policy:
-        rows = on_policy_rows(rows, options.on_policy, args)
+        rows = on_policy_rows(rows, options.on_policy, args, model)
     oracle = miniature.oracle_row_ids(rows, resolve_k(args.k, len(miniature.usable_row_ids(rows))))
     # The world file execute_run reads the arm's rows from: the oracle, each pair repeated --repeat times.
     (output_dir / "worlds").mkdir(parents=True, exist_ok=True)
@@ -109,11 +113,12 @@ def main() -> None:
         "probe", "base" if options.base else "oracle", WORLD_SEED, 0, "validation", None if options.base else settings,
         (0,) if options.base else steps,
     )  # fmt: skip
-    result = miniature.execute_run(spec, args, str(miniature.shipped_world_model()), "exploratory")
-    name = "base" if options.base else (
+    result = miniature.execute_run(spec, args, model, "exploratory")
+    prefix = f"{Path(options.model).name}-" if options.model else ""
+    name = prefix + ("base" if options.base else (
         f"{'sft' if options.sft else 'dpo'}-{'on_policy' if options.on_policy else 'renders'}"
         f"-lr{options.learning_rate:g}-b{options.beta:g}-batch{effective_batch}-n{options.updates}"
-    )  # fmt: skip
+    ))  # fmt: skip
     result["options"] = vars(options)
     result["effective_batch"] = effective_batch
     (HERE / "results").mkdir(exist_ok=True)
