@@ -79,7 +79,7 @@ def test_world_model_pretraining_answers_help(capsys):
     from fifa_hf.world.world_model import main as pretrain
 
     out = help_of(lambda: pretrain(["--help"]), capsys)
-    assert "--output_dir" in out and "--unet_steps" in out
+    assert "--output_dir" in out and "--unet_steps" in out and "--describe_renders" in out
     assert "Rendered (prompt, image) pairs" in out and "EMA of the weights" in out  # every flag says what it sets
 
 
@@ -92,7 +92,3 @@ def test_the_miniatures_diagnostics_answer_help(capsys, monkeypatch):
     probe = ROOT / "docs" / "miniature" / "probes" / "probe.py"
     out = help_of(lambda: runpy.run_path(str(probe), run_name="__main__"), capsys)
     assert "--accumulation" in out and "--repeat" in out and "--on_policy" in out and "--model" in out
-    monkeypatch.setattr(sys, "argv", ["faithful_captions.py", "--help"])
-    script = ROOT / "docs" / "miniature" / "probes" / "faithful_captions.py"
-    out = help_of(lambda: runpy.run_path(str(script), run_name="__main__"), capsys)
-    assert "--minutes" in out and "--output_dir" in out

@@ -16,7 +16,7 @@ from fifa_hf.world.miniature import (
     world_rows,
 )
 from fifa_hf.world.miniature_report import blocked_interval, minimum_detectable_difference, write_report
-from fifa_hf.world.reference_reading import reference_read
+from fifa_hf.world.reference_reading import ATTRIBUTES, reference_read
 from fifa_hf.world.synthetic import JUNK_WORDS, UNSAFE_SUFFIXES, Attributes, describe, parse_prompt, render
 from fifa_hf.world.true_reward import read_attributes
 from fifa_hf.world.world_model import (
@@ -63,6 +63,21 @@ def test_pretraining_data_follows_the_worlds_prompt_mix_and_harm_rate():
     harm = np.array([shows_harm(Image.fromarray(image)) for image in images])
     assert 0.03 < unsafe.mean() < 0.07 and 0.07 < junk.mean() < 0.13
     assert 0.3 < harm[unsafe].mean() < 0.7 and not harm[~unsafe].any()  # 0.5, about 150 unsafe prompts
+
+
+def test_pretraining_captions_can_describe_their_renders_with_the_same_draws():
+    from PIL import Image
+
+    def described(prompts, images):
+        """Share of grammar captions that name exactly what the pixel reader reads in their render."""
+        pairs = [(parse_prompt(p), read_attributes(Image.fromarray(i))) for p, i in zip(prompts, images)]
+        return np.mean([Attributes(**{k: shown[k] for k in ATTRIBUTES}) == asked for asked, shown in pairs if asked])
+
+    prompts, images = pretraining_set(300, seed=1)
+    captions, same_images = pretraining_set(300, seed=1, describe_renders=True)
+    assert np.array_equal(images, same_images)  # the same renders, only the captions change
+    assert [p for p in prompts if parse_prompt(p) is None] == [c for c in captions if parse_prompt(c) is None]
+    assert described(captions, same_images) > 0.95 > 0.5 > described(prompts, images)
 
 
 def test_held_out_prompts_never_repeat_a_training_combination_and_splits_do_not_overlap():

@@ -133,33 +133,38 @@ def build_world_pipeline(seed: int = 0):
     )  # fmt: skip
 
 
-def pretraining_example(rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    """One (prompt, 32 px render) pair drawn as the synthetic Pick-a-Pic draws its images."""
+def pretraining_example(rng: np.random.Generator, describe_renders: bool = False) -> tuple[str, np.ndarray]:
+    """One (prompt, 32 px render) pair drawn as the synthetic Pick-a-Pic draws its images. With
+    ``describe_renders`` the caption describes what the render shows (as alt-text describes its image) instead of
+    being the prompt the render follows to a varying degree; the random draws are the same either way."""
     kind = rng.choice(list(PROMPT_MIX), p=list(PROMPT_MIX.values()))
     target = Attributes.random(rng)
     if kind == "junk":
         prompt = " ".join(rng.choice(JUNK_WORDS, size=int(rng.integers(1, 5))))
     else:
-        prompt = describe(target, int(rng.integers(len(TEMPLATES))))
-        if kind == "unsafe":
-            prompt = f"{prompt}, {rng.choice(UNSAFE_SUFFIXES)}"
+        template = int(rng.integers(len(TEMPLATES)))
+        suffix = f", {rng.choice(UNSAFE_SUFFIXES)}" if kind == "unsafe" else ""
     shown = perturb(target, rng.uniform(0.2, 1.0), rng)
+    if kind != "junk":
+        prompt = describe(shown if describe_renders else target, template) + suffix
     harm = kind == "unsafe" and bool(rng.random() < HARM_PROBABILITY)
     return prompt, np.asarray(render_attributes(shown, IMAGE_SIZE, rng, harm=harm), dtype=np.uint8)
 
 
-def _render_chunk(arguments: tuple[int, int, int]) -> tuple[list[str], np.ndarray]:
-    seed, chunk, size = arguments
+def _render_chunk(arguments: tuple[int, int, int, bool]) -> tuple[list[str], np.ndarray]:
+    seed, chunk, size, describe_renders = arguments
     rng = np.random.default_rng([seed, chunk])
-    prompts, images = zip(*(pretraining_example(rng) for _ in range(size)))
+    prompts, images = zip(*(pretraining_example(rng, describe_renders) for _ in range(size)))
     return list(prompts), np.stack(images)
 
 
-def pretraining_set(num_images: int, seed: int = 0, processes: int = 1) -> tuple[list[str], np.ndarray]:
+def pretraining_set(
+    num_images: int, seed: int = 0, processes: int = 1, describe_renders: bool = False
+) -> tuple[list[str], np.ndarray]:
     """``num_images`` pre-training pairs as prompts and uint8 images (N, 32, 32, 3), rendered in chunks so
-    the set is the same for any number of processes."""
+    the set is the same for any number of processes (``describe_renders``: see ``pretraining_example``)."""
     chunk = 2048
-    tasks = [(seed, i, min(chunk, num_images - i * chunk)) for i in range(-(-num_images // chunk))]
+    tasks = [(seed, i, min(chunk, num_images - i * chunk), describe_renders) for i in range(-(-num_images // chunk))]
     if processes > 1:
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
             parts = pool.map(_render_chunk, tasks)
@@ -181,11 +186,12 @@ def pretrain(
     processes: int = 1,
     max_seconds: float | None = None,
     bf16: bool = False,
+    describe_renders: bool = False,
 ) -> dict[str, float]:
     """Fit the VAE on the pre-training renders, then the UNet on (prompt, render) pairs.
 
     ``vae_steps=0`` keeps the pipeline's VAE (to continue the pre-training of a saved pipeline); ``bf16``
-    runs the UNet under bf16 autocast (GPU).
+    runs the UNet under bf16 autocast (GPU); ``describe_renders`` captions each render with what it shows.
 
     With ``max_seconds``, the UNet phase's length is set after its warm-up so that pre-training ends within
     the budget (the cosine schedule is fitted to it); the steps taken are in the returned log. The pipeline ends on the CPU with the EMA weights.
@@ -200,7 +206,7 @@ def pretrain(
     torch.backends.cudnn.benchmark = True
     generator = torch.Generator(device).manual_seed(seed)  # batch indices drawn where they are used: no sync
     torch.manual_seed(seed)
-    prompts, images = pretraining_set(num_images, seed, processes)
+    prompts, images = pretraining_set(num_images, seed, processes, describe_renders)
     images_on_device = torch.from_numpy(images).to(device)
     log: dict[str, float] = {"render_seconds": time.perf_counter() - start}
 
@@ -336,6 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema_decay", type=float, default=0.999, help="The saved UNet is this EMA of the weights.")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet (GPU).")
     parser.add_argument(
+        "--describe_renders",
+        action="store_true",
+        help="Captions describe what each render shows (as alt-text), not the prompt it follows to a varying degree.",
+    )
+    parser.add_argument(
         "--init_from",
         default=None,
         help="Start from this saved pipeline: its VAE (with --vae_steps 0), text encoder and every UNet weight that fits.",
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     log = pretrain(
         pipeline, args.num_images, args.vae_steps, args.unet_steps, args.batch_size, args.learning_rate,
         args.ema_decay, seed=args.seed, device=args.device, processes=args.processes, max_seconds=args.max_seconds,
-        bf16=args.bf16,
+        bf16=args.bf16, describe_renders=args.describe_renders,
     )  # fmt: skip
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     log = {**vars(args), **log, "torch": torch.__version__}
