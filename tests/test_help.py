@@ -79,7 +79,7 @@ def test_world_model_pretraining_answers_help(capsys):
     from fifa_hf.world.world_model import main as pretrain
 
     out = help_of(lambda: pretrain(["--help"]), capsys)
-    assert "--output_dir" in out and "--unet_steps" in out and "--describe_renders" in out
+    assert all(flag in out for flag in ("--output_dir", "--unet_steps", "--describe_renders", "--fresh_text_encoder"))
     assert "Rendered (prompt, image) pairs" in out and "EMA of the weights" in out  # every flag says what it sets
 
 

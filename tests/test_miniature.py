@@ -231,3 +231,23 @@ def test_the_pretraining_script_continues_the_shipped_world_model(tmp_path):
         if not torch.equal(weight, after.unet.state_dict()[name])
     ]
     assert moved  # the UNet trained
+
+
+def test_the_pretraining_script_can_continue_with_a_fresh_text_encoder(tmp_path):
+    import torch
+    from transformers import CLIPTextModel
+
+    from fifa_hf.world.world_model import build_world_pipeline
+    from fifa_hf.world.world_model import main as pretrain_world_model
+
+    shipped = shipped_world_model()
+    pretrain_world_model([
+        "--init_from", str(shipped), "--fresh_text_encoder", "--seed", "7", "--output_dir", str(tmp_path),
+        "--num_images", "32", "--vae_steps", "0", "--unet_steps", "1", "--batch_size", "8", "--device", "cpu",
+    ])  # fmt: skip
+    saved = CLIPTextModel.from_pretrained(tmp_path, subfolder="text_encoder").state_dict()
+    drawn = build_world_pipeline(7).text_encoder.state_dict()
+    earlier = CLIPTextModel.from_pretrained(shipped, subfolder="text_encoder").state_dict()
+    assert all(torch.equal(weight, drawn[name]) for name, weight in saved.items())  # frozen while the UNet trains
+    assert not torch.equal(saved["embeddings.token_embedding.weight"],
+                           earlier["embeddings.token_embedding.weight"])  # fmt: skip

@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="Start from this saved pipeline: its VAE (with --vae_steps 0), text encoder and every UNet weight that fits.",
     )
+    parser.add_argument(
+        "--fresh_text_encoder",
+        action="store_true",
+        help="With --init_from, keep the new text encoder drawn from --seed (frozen, as SD's CLIP is) instead of its.",
+    )
     args = parser.parse_args(argv)
     pipeline = build_world_pipeline(args.seed)
     if args.init_from:
@@ -358,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import CLIPTextModel
 
         pipeline.vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
-        pipeline.text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
+        if not args.fresh_text_encoder:
+            pipeline.text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
         earlier = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet").state_dict()
         current = pipeline.unet.state_dict()
         fitting = {
