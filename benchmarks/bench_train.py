@@ -123,6 +123,19 @@ def command(
     ]  # fmt: skip
 
 
+def check_measured_checkout() -> Path:
+    """The runs import fifa_hf from this interpreter's environment, which may be another checkout's editable
+    install: refuse to time that code under this checkout's name."""
+    here = Path(__file__).resolve().parent.parent
+    found = subprocess.run(
+        [sys.executable, "-c", "import fifa_hf; print(fifa_hf.__file__)"], capture_output=True, text=True
+    )
+    imported = Path(found.stdout.strip()).resolve().parent.parent if found.returncode == 0 else "nowhere"
+    if imported != here:
+        sys.exit(f"{sys.executable} imports fifa_hf from {imported}, not from {here}: pip install --no-deps -e {here}")
+    return here
+
+
 def run(label: str, argv: list[str], directory: Path, threads: int) -> dict[str, float]:
     stamps = directory / "steps.txt"
     env = {**os.environ, "BENCH_STEPS": str(stamps), "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
@@ -195,6 +208,7 @@ def main() -> None:
     parser.add_argument("--sd15", action="store_true", help="SD1.5's sizes at 512 px (bf16 on a GPU)")
     parser.add_argument("--no-profile", action="store_true", help="skip the in-process profile of our step")
     args = parser.parse_args()
+    print(f"measuring fifa_hf from {check_measured_checkout()}")
     import torch
 
     gpu = torch.cuda.is_available()

@@ -19,6 +19,7 @@ from peft import LoraConfig
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from fifa_hf.data import load_preference_dataset
+from fifa_hf.host_memory import retain_freed_memory
 from fifa_hf.resolve import ResolutionError, resolve_hub_reference
 from fifa_hf.trainer.config import DiffusionDPOConfig
 from fifa_hf.trainer.model_card import hub_id
@@ -134,6 +135,8 @@ def train(script_args: ScriptArguments, training_args: DiffusionDPOConfig, model
                 f"--dataset_test_split {script_args.dataset_test_split!r}: {script_args.dataset_name!r} holds a single "
                 "split, so evaluation would run on the training pairs; save train and test splits (a DatasetDict)."
             )
+    if training_args.device.type == "cpu" and retain_freed_memory():
+        logger.info("Training on CPU: freed host memory is kept for reuse (glibc's mmap and trim thresholds raised).")
     pipeline = load_pipeline(model_path, torch_dtype=DTYPES[model_args.dtype])
     warn_if_small_batch(training_args)
     trainer = DiffusionDPOTrainer(
