@@ -2,8 +2,9 @@
 
 glibc's malloc maps every block larger than its mmap threshold (32 MB at most, by default) afresh and unmaps it
 when it is freed. A CPU training step frees and re-allocates activations that large in every layer (8 images of
-256 px through a VAE: 67 MB each), so it pays a page fault for every 4 KB page of them, every step: about 190,000
-faults per VAE encode of 8 images at 256 px. Raising the thresholds lets malloc reuse those blocks instead.
+256 px through a VAE: 67 MB each), so it pays a page fault for every 4 KB page of them, every step (about 190,000
+faults per encode of 8 images through the side-by-side benchmark's VAE at 256 px). Raising the thresholds lets
+malloc reuse those blocks instead.
 """
 
 from __future__ import annotations

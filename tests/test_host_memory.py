@@ -9,6 +9,7 @@ import pytest
 
 from fifa_hf.host_memory import retain_freed_memory
 from fifa_hf.trainer import script
+from fifa_hf.world.synthetic import make_synthetic_pickapic
 
 # A 64 MB activation (above glibc's largest default mmap threshold) made and freed; prints whether the settings
 # applied, then glibc's own account (mallinfo2): bytes it mapped apart for the activation, and bytes its heap grew
@@ -57,8 +58,6 @@ def test_cpu_training_retains_freed_memory(monkeypatch, tiny_sd_path, tmp_path):
     calls = []
     monkeypatch.setattr(script, "retain_freed_memory", lambda: calls.append(True) or False)  # spy: no change here
     data = tmp_path / "pairs"
-    from fifa_hf.world.synthetic import make_synthetic_pickapic
-
     make_synthetic_pickapic(4, seed=0, image_size=40, tie_fraction=0, unlabeled_fraction=0).save_to_disk(data)
     script.main([
         "--model_name_or_path", str(tiny_sd_path), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
