@@ -123,6 +123,21 @@ def test_loss_matches_an_independent_computation_and_swapping_negates_margins(
     assert swapped["rewards/chosen"] == pytest.approx(straight["rewards/rejected"], rel=1e-4, abs=1e-4)
 
 
+def test_rpo_adds_the_chosen_images_weighted_denoising_loss(tiny_sd_path, pairs, tmp_path):
+    dpo = DiffusionDPOTrainer(str(tiny_sd_path), config(tmp_path), train_dataset=pairs)
+    rpo = DiffusionDPOTrainer(str(tiny_sd_path), config(tmp_path, rpo_alpha=250.0), train_dataset=pairs)
+    parameters, hidden, _, _ = fixed_batch(dpo)
+    torch.manual_seed(7)
+    dpo_loss, metrics = dpo._compute_loss(dpo.model, parameters, hidden, None, None)
+    torch.manual_seed(7)
+    rpo_loss, _ = rpo._compute_loss(rpo.model, parameters, hidden, None, None)
+    expected = dpo_loss.item() + 250.0 * metrics["mse/policy_chosen"].mean().item()
+    assert rpo_loss.item() == pytest.approx(expected, rel=1e-5) and rpo_loss.item() > dpo_loss.item() + 1
+    assert rpo._card_hyperparameters()["rpo_alpha"] == 250.0 and "rpo_alpha" not in dpo._card_hyperparameters()
+    with pytest.raises(ValueError, match="rpo_alpha.*sft=True"):
+        config(tmp_path, rpo_alpha=1.0, sft=True)
+
+
 def test_loss_types_follow_their_formulas():
     """Hinge is relu(1 - beta * logits); IPO pulls the unscaled logits towards 1 / (2 * beta) (beta is tau)."""
     policy_w, policy_l = torch.tensor([0.1000, 0.1000]), torch.tensor([0.1002, 0.0998])

@@ -63,6 +63,12 @@ class DiffusionDPOConfig(TrainingArguments):
             `"sigmoid"` (Diffusion-DPO), `"hinge"` or `"ipo"`.
         sft (`bool`, *optional*, defaults to `False`):
             Train on the chosen images only with the plain denoising loss (the SFT baseline).
+        rpo_alpha (`float` or `None`, *optional*, defaults to `None`):
+            Add `rpo_alpha` times the chosen images' denoising loss to the preference loss, as TRL's `rpo_alpha`
+            adds the chosen responses' NLL (RPO, Pang et al., 2024). The preference loss only asks that the
+            rejected images' error rise more than the chosen ones', and it is usually met by raising both; this
+            term holds the chosen ones'. Diffusion-DPO's gradient carries a factor of `beta / 2`, so a weight of
+            that order balances the two. `None`: Diffusion-DPO alone.
 
     Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-5`,
     `logging_steps=10`, `remove_unused_columns=False` (the image columns must reach the collator),
@@ -94,6 +100,13 @@ class DiffusionDPOConfig(TrainingArguments):
     )
     loss_type: str = field(default="sigmoid", metadata={"help": f"Loss: {', '.join(LOSS_TYPES)}."})
     sft: bool = field(default=False, metadata={"help": "Train on the chosen images only (SFT baseline)."})
+    rpo_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the chosen images' denoising loss added to the preference loss (RPO, as TRL's "
+            "rpo_alpha); of the order of beta/2 to balance them. None: Diffusion-DPO alone."
+        },
+    )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Disable dropout in the UNet, LoRA dropout included (as TRL's DPO)."}
     )
@@ -141,6 +154,11 @@ class DiffusionDPOConfig(TrainingArguments):
             raise ValueError(
                 "drop_ties=False keeps tied pairs, which have no preferred image for a preference loss; "
                 "keep drop_ties=True (as Diffusion-DPO does), or use sft=True to train on image 0 of a tie."
+            )
+        if self.rpo_alpha is not None and (self.rpo_alpha < 0 or self.sft):
+            raise ValueError(
+                f"rpo_alpha={self.rpo_alpha} weighs the chosen images' denoising loss beside the preference loss: "
+                "it must be >= 0, and sft=True already trains on that loss alone (leave rpo_alpha unset)."
             )
         if self.card_sample_steps < 0:
             raise ValueError(f"card_sample_steps must be >= 0 (0: no samples), got {self.card_sample_steps}")

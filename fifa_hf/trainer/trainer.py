@@ -478,6 +478,9 @@ class DiffusionDPOTrainer(Trainer):
         losses, chosen_rewards, rejected_rewards = diffusion_dpo_loss(
             mse_w, mse_l, ref_w, ref_l, self.args.beta, self.args.loss_type
         )
+        loss = losses.mean()
+        if self.args.rpo_alpha is not None:  # RPO: the chosen images' own denoising loss, weighted
+            loss = loss + self.args.rpo_alpha * mse_w.mean()
         metrics = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
@@ -488,7 +491,7 @@ class DiffusionDPOTrainer(Trainer):
             "mse/ref_chosen": ref_w,
             "mse/ref_rejected": ref_l,
         }
-        return losses.mean(), metrics
+        return loss, metrics
 
     def _reference_forward(self, noisy, timesteps, hidden, kwargs) -> torch.Tensor:
         """The frozen reference: the UNet with its LoRA layers off (toggled directly, without walking the whole
@@ -713,6 +716,7 @@ class DiffusionDPOTrainer(Trainer):
         return {
             "method": "SFT" if a.sft else f"Diffusion-DPO ({a.loss_type})",
             "beta": a.beta,
+            **({"rpo_alpha": a.rpo_alpha} if a.rpo_alpha is not None else {}),
             "learning_rate": a.learning_rate,
             "lr_scheduler": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
             "optimizer": str(getattr(a.optim, "value", a.optim)),

@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="Evaluate every this many updates.")
     parser.add_argument("--repeat", type=int, default=1, help="Copies of the oracle's pairs in an epoch.")
     parser.add_argument("--sft", action="store_true", help="Train on the chosen images only.")
+    parser.add_argument("--rpo_alpha", type=float, default=None, help="Weight of the chosen images' denoising loss.")
     parser.add_argument("--on_policy", type=int, default=0, help="Rows whose images are the model's own samples.")
     parser.add_argument("--base", action="store_true", help="Only evaluate the world model.")
     parser.add_argument("--model", default=None, help="A world model other than the shipped one.")
@@ -104,6 +105,7 @@ def main() -> None:
     class ProbeConfig(DiffusionDPOConfig):
         def __post_init__(self):
             self.gradient_accumulation_steps, self.sft, self.logging_steps = options.accumulation, options.sft, 1
+            self.rpo_alpha = options.rpo_alpha
             super().__post_init__()
 
     fifa_hf.trainer.DiffusionDPOConfig = ProbeConfig  # execute_run builds its config from the package
@@ -116,7 +118,8 @@ def main() -> None:
     result = miniature.execute_run(spec, args, model, "exploratory")
     prefix = f"{Path(options.model).name}-" if options.model else ""
     name = prefix + ("base" if options.base else (
-        f"{'sft' if options.sft else 'dpo'}-{'on_policy' if options.on_policy else 'renders'}"
+        f"{'sft' if options.sft else 'dpo'}{f'-rpo{options.rpo_alpha:g}' if options.rpo_alpha is not None else ''}"
+        f"-{'on_policy' if options.on_policy else 'renders'}"
         f"-lr{options.learning_rate:g}-b{options.beta:g}-batch{effective_batch}-n{options.updates}"
     ))  # fmt: skip
     result["options"] = vars(options)
