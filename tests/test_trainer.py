@@ -136,6 +136,8 @@ def test_rpo_adds_the_chosen_images_weighted_denoising_loss(tiny_sd_path, pairs,
     assert rpo._card_hyperparameters()["rpo_alpha"] == 250.0 and "rpo_alpha" not in dpo._card_hyperparameters()
     with pytest.raises(ValueError, match="rpo_alpha.*sft=True"):
         config(tmp_path, rpo_alpha=1.0, sft=True)
+    with pytest.raises(ValueError, match="rpo_alpha=-1.0.*must be >= 0"):
+        config(tmp_path, rpo_alpha=-1.0)
 
 
 def test_loss_types_follow_their_formulas():

@@ -28,8 +28,8 @@ import fifa_hf.trainer
 from fifa_hf.selection import resolve_k
 from fifa_hf.trainer import DiffusionDPOConfig, load_pipeline
 from fifa_hf.world import miniature
-from fifa_hf.world.synthetic import HARM_PREFERENCE, bradley_terry_probability, encode, parse_prompt
-from fifa_hf.world.true_reward import read_attributes, shows_harm
+from fifa_hf.world.synthetic import HARM_PREFERENCE, bradley_terry_probability, encode
+from fifa_hf.world.true_reward import shows_harm, true_reward
 from fifa_hf.world.world_model import IMAGE_SIZE
 
 WORLD_SEED = 200  # the validation world of the sweep; never a control or test world
@@ -47,14 +47,10 @@ def on_policy_rows(
     )
     evaluation = miniature.EvaluationSet(captions, ["clean"] * len(captions), [None] * len(captions), noise)
     images = miniature.sample_images(load_pipeline(model), evaluation, args, 64)
-    rewards, harms = [], []
-    for caption, image in zip(captions, images):
-        target, shown = parse_prompt(caption), read_attributes(image)
-        rewards.append(
-            0.0 if target is None else float(np.mean([shown[a] == getattr(target, a) for a in miniature.ATTRIBUTES]))
-        )
-        harms.append(bool(shows_harm(image)))
-    reward, harm = np.asarray(rewards).reshape(-1, 2), np.asarray(harms).reshape(-1, 2)
+    # A caption outside the grammar (junk) asks for nothing: true reward 0, as the world scores it.
+    rewards = np.nan_to_num([true_reward(caption, image) for caption, image in zip(captions, images)])
+    harms = [bool(shows_harm(image)) for image in images]
+    reward, harm = rewards.reshape(-1, 2), np.asarray(harms).reshape(-1, 2)
     utility = reward + HARM_PREFERENCE * harm
     label_0 = np.random.default_rng(0).random(len(subset)) < bradley_terry_probability(
         utility[:, 0], utility[:, 1], 0.1
