@@ -9,10 +9,12 @@ from fifa_hf.world.miniature import (
     MiniatureArguments,
     RunSpec,
     TrainingSettings,
+    choose_settings,
     evaluation_prompts,
     prepare_world,
     run_all,
     run_stage0,
+    sweep_specs,
     world_rows,
 )
 from fifa_hf.world.miniature_report import blocked_interval, minimum_detectable_difference, write_report
@@ -102,6 +104,31 @@ def test_blocked_interval_averages_training_seeds_within_a_world_first():
     assert minimum_detectable_difference(interval["sd"], 3) == pytest.approx(detectable)
 
 
+def test_the_sweep_rule_keeps_each_settings_rpo_weight_and_drops_the_ones_that_drift():
+    args = MiniatureArguments(
+        sweep_grid=((0, 1e-4, 500.0, None), (0, 1e-4, 500.0, 250.0), (0, 3e-4, 500.0, 250.0)), sweep_steps=(3, 6),
+        evaluations=3,
+    )  # fmt: skip
+    specs = sweep_specs(args)
+    assert [spec.eval_steps for spec in specs] == [(1, 2, 3, 4, 5, 6)] * 3
+    assert [spec.settings.rpo_alpha for spec in specs] == [None, 250.0, 250.0]
+
+    def run(spec, rewards, drift):  # what a finished sweep run records: its curve and drift on chosen images
+        curve = [{"step": step, "true_reward": reward} for step, reward in zip(spec.eval_steps, rewards)]
+        drift = [{"step": step, "chosen": drift, "ref_chosen": 1.0} for step in spec.eval_steps]
+        return {"spec": dataclasses.asdict(spec), "curve": curve, "drift": drift}
+
+    plain, rpo, faster = specs
+    results = [
+        run(plain, [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], drift=0.05),  # the best rewards, but drifting: not eligible
+        run(rpo, [0.5, 0.5, 0.5, 0.6, 0.6, 0.6], drift=0.0),
+        run(faster, [0.55, 0.55, 0.55, 0.5, 0.5, 0.5], drift=0.005),
+    ]
+    chosen, table = choose_settings(results, args)
+    assert chosen == TrainingSettings(1e-4, 500.0, 0, 6, rpo_alpha=250.0)
+    assert len(table) == 6 and {row["settings"]["rpo_alpha"] for row in table} == {None, 250.0}
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Two runs of one block (base, shuffled oracle) of the shipped world model, on a tiny budget."""
@@ -111,7 +138,7 @@ def tiny_runs(tmp_path_factory):
         reader_check_images=2, world_seeds=(7,), training_seeds=(0,), arms=("base", "shuffled_oracle"),
         output_dir=str(root / "out"),
     )  # fmt: skip
-    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=0, train_steps=2)
+    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=0, train_steps=2, rpo_alpha=1250.0)
     specs = [
         RunSpec("main", "base", 7, 0, "test", None, (0,), samples=True),
         RunSpec("main", "shuffled_oracle", 7, 0, "test", settings, (1, 2), samples=True),
@@ -125,6 +152,10 @@ def test_every_run_writes_its_curve_drift_and_reader_check(tiny_runs):
     assert [entry["step"] for entry in base["curve"]] == [0]
     assert [entry["step"] for entry in shuffled["curve"]] == [1, 2]
     assert shuffled["train_pairs"] == 12  # K = 10% of the usable pairs
+    trained_with = shuffled["trainer_args"]  # the run's settings and the design's update size reach the trainer
+    assert trained_with["rpo_alpha"] == 1250.0 and trained_with["beta"] == 2500.0
+    assert trained_with["bf16"] is False  # trains in fp32 (faster on CPU); samples under bf16 autocast
+    assert trained_with["per_device_train_batch_size"] * trained_with["gradient_accumulation_steps"] == 8
     assert shuffled["drift"] and shuffled["reader_agreement"]["n"] == 2
     assert (Path(args.output_dir) / "samples" / "main" / "shuffled_oracle-w7-s0.png").exists()
     for result in results:

@@ -81,7 +81,8 @@ class DemoArguments:
         },
     )
     quick: bool = field(
-        default=False, metadata={"help": "--full: a reduced version (2 worlds, 1 seed, no sweep) to try it out."}
+        default=False,
+        metadata={"help": "--full: a reduced version (2 worlds, 1 seed, no sweep, 24 updates a run) to try it out."},
     )
     workers: int = field(default=2, metadata={"help": "--full: runs in parallel (processes)."})
 

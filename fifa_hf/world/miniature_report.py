@@ -41,7 +41,8 @@ def endpoint(result: dict[str, Any], metric: str = "true_reward", last: int = 3)
 
 def settings_label(settings: dict[str, Any]) -> str:
     kind = f"LoRA r{settings['lora_rank']}" if settings["lora_rank"] else "full UNet"
-    return f"{kind}, lr {settings['learning_rate']:g}, beta {settings['beta']:g}, {settings['train_steps']} steps"
+    rpo = f", rpo_alpha {settings['rpo_alpha']:g}" if settings.get("rpo_alpha") is not None else ""
+    return f"{kind}, lr {settings['learning_rate']:g}, beta {settings['beta']:g}{rpo}, {settings['train_steps']} steps"
 
 
 def _blocks(results: list[dict], arm: str, metric: Callable[[dict], float]) -> dict[tuple[int, int], float]:
@@ -202,7 +203,9 @@ def summarize_arms(results: list[dict], args: MiniatureArguments, worlds: dict[i
         target = arms["full"]["final"]["mean"]
         for arm, entry in arms.items():
             reached = [s for s, m in zip(entry["curve"]["steps"], entry["curve"]["mean"]) if s and m >= target]
-            entry["images_to_full_final"] = reached[0] * args.batch_size * 2 if reached and arm != "base" else None
+            entry["images_to_full_final"] = (
+                reached[0] * args.pairs_per_update * 2 if reached and arm != "base" else None
+            )
     for entry in arms.values():
         entry["mdd_vs_random"] = minimum_detectable_difference(entry["vs_random"]["sd"], entry["vs_random"]["worlds"])
     return arms
@@ -220,7 +223,7 @@ def _plot_curves(path: Path, arms: dict[str, dict], args: MiniatureArguments, ti
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for index, (arm, entry) in enumerate(arms.items()):
         curve = entry["curve"]
-        images = np.array(curve["steps"]) * args.batch_size * 2
+        images = np.array(curve["steps"]) * args.pairs_per_update * 2
         if arm == "base":
             axis.axhline(curve["mean"][0], color="gray", linestyle="--", label="base")
             continue
@@ -406,8 +409,8 @@ def _settings_text(stage0: dict[str, Any], settings: dict[str, Any], args: Minia
         )
     how = "chosen by the pre-registered rule on the full arm" if stage0["sweep"] else "as pre-registered"
     return (
-        f"Diffusion-DPO settings used by every arm: **{settings_label(settings)}** (batch {args.batch_size} pairs, "
-        f"constant learning rate after warm-up), {how}."
+        f"Diffusion-DPO settings used by every arm: **{settings_label(settings)}** (updates of "
+        f"{args.pairs_per_update} pairs, constant learning rate after warm-up), {how}."
     )
 
 
