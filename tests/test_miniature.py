@@ -219,6 +219,29 @@ def test_the_report_writes_results_json_in_the_published_shape(tiny_runs):
     assert "| shuffled_oracle | 1 |" in report and str(args.output_dir) not in report
 
 
+def test_a_stage1_stopped_before_its_end_leaves_a_report_of_stage0_that_compares_no_arm(tmp_path, monkeypatch):
+    from fifa_hf.world import miniature
+
+    args = MiniatureArguments(
+        num_pairs=120, eval_clean_prompts=2, eval_unsafe_prompts=1, world_seeds=(7,), control_world_seeds=(8,),
+        training_seeds=(0,), arms=("base", "full", "oracle"), output_dir=str(tmp_path),
+    )  # fmt: skip
+    gate = {"value": 0.5, "threshold": 0.45, "passed": True, "rule": "r"}
+    stage0 = {"settings": dataclasses.asdict(args.settings), "sweep": [], "gates": {"base_true_reward": gate}}
+    monkeypatch.setattr(miniature, "run_stage0", lambda _: stage0)  # every gate passed
+
+    def stopped(specs, *_):  # the session ends during stage 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(miniature, "run_all", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        miniature.run_experiment(args)
+    report = (tmp_path / "report.md").read_text()
+    assert "Stage 1 is not finished: 0 of 3 runs have finished" in report and "Stage 1 did not run" not in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["arms"] == {} and "not finished (0 of 3 runs)" in results["headline"]
+
+
 def test_stage0_stops_at_a_base_model_that_fails_its_gate_and_trains_nothing(tmp_path):
     args = MiniatureArguments(
         num_pairs=120, batch_size=2, eval_clean_prompts=2, eval_unsafe_prompts=1, sampling_steps=1,

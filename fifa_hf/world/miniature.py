@@ -624,14 +624,9 @@ def run_all(specs: list[RunSpec], args: MiniatureArguments, description: str) ->
 
     output_dir = Path(args.output_dir)
     model = args.model or str(shipped_world_model())
-    model_key = model_fingerprint(model)
-    worlds = prepare_worlds(specs, args)
-    paths = [run_path(output_dir, spec) for spec in specs]
-    if len(set(paths)) < len(paths):
-        raise ValueError("Two runs would write the same result file; give each run a distinct name.")
-    fingerprints = {spec: run_fingerprint(spec, args, model_key, worlds[spec.world_seed]) for spec in specs}
-    todo = [spec for spec in specs if not _finished(run_path(output_dir, spec), fingerprints[spec])]
-    tasks = [(spec, args, model, fingerprints[spec]) for spec in todo]
+    fingerprints = unfinished_runs(specs, args, model)
+    tasks = [(spec, args, model, fingerprint) for spec, fingerprint in fingerprints.items()]
+    todo = list(fingerprints)
     with tqdm(total=len(tasks), desc=f"{description} ({len(specs) - len(todo)} of {len(specs)} runs done)") as bar:
         if args.workers > 1 and len(tasks) > 1:
             import multiprocessing
@@ -646,6 +641,18 @@ def run_all(specs: list[RunSpec], args: MiniatureArguments, description: str) ->
                 _run_task(task)
                 bar.update()
     return [json.loads(run_path(output_dir, spec).read_text()) for spec in specs]
+
+
+def unfinished_runs(specs: list[RunSpec], args: MiniatureArguments, model: str) -> dict[RunSpec, str]:
+    """The specs whose result file is missing or stale, each with the fingerprint its result will carry."""
+    output_dir = Path(args.output_dir)
+    model_key = model_fingerprint(model)
+    worlds = prepare_worlds(specs, args)
+    paths = [run_path(output_dir, spec) for spec in specs]
+    if len(set(paths)) < len(paths):
+        raise ValueError("Two runs would write the same result file; give each run a distinct name.")
+    fingerprints = {spec: run_fingerprint(spec, args, model_key, worlds[spec.world_seed]) for spec in specs}
+    return {spec: key for spec, key in fingerprints.items() if not _finished(run_path(output_dir, spec), key)}
 
 
 def _finished(path: Path, fingerprint: str) -> bool:
@@ -777,16 +784,21 @@ def run_experiment(args: MiniatureArguments) -> dict[str, Any]:
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     stage0 = run_stage0(args)
-    main_results = []
-    if all(gate["passed"] for gate in stage0["gates"].values()):
-        settings = TrainingSettings(**stage0["settings"])
-        main_results = run_all(main_specs(args, settings), args, "stage 1: every arm")
-    else:
-        failed = [name for name, gate in stage0["gates"].items() if not gate["passed"]]
-        print(f"Stage 0 gates failed ({', '.join(failed)}): stage 1 is not run.")
     prompts = {}
     for split, world_seed in (("test", args.world_seeds[0]), ("validation", args.control_world_seeds[0])):
         rows = world_rows(world_seed, args.num_pairs, args.label_temperature)
         prompts[split] = [prompt for prompt, _, _ in evaluation_prompts(rows, split, world_seed, args)]
+    main_results = []
+    if all(gate["passed"] for gate in stage0["gates"].values()):
+        specs = main_specs(args, TrainingSettings(**stage0["settings"]))
+        unfinished = unfinished_runs(specs, args, args.model or str(shipped_world_model()))
+        if unfinished:  # stage 1 takes hours: report stage 0 now, in case this call is stopped before the end
+            progress = (len(specs) - len(unfinished), len(specs))
+            seconds = time.perf_counter() - start
+            write_report(output_dir, args, stage0, [], seconds, prompts["test"], prompts["validation"], progress)
+        main_results = run_all(specs, args, "stage 1: every arm")
+    else:
+        failed = [name for name, gate in stage0["gates"].items() if not gate["passed"]]
+        print(f"Stage 0 gates failed ({', '.join(failed)}): stage 1 is not run.")
     seconds = time.perf_counter() - start
     return write_report(output_dir, args, stage0, main_results, seconds, prompts["test"], prompts["validation"])

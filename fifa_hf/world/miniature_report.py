@@ -369,7 +369,13 @@ def _attribute_rows(arms: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _stage1_not_run(gates: dict[str, dict]) -> str:
+def _stage1_not_run(gates: dict[str, dict], progress: tuple[int, int] | None) -> str:
+    if progress is not None:
+        return (
+            f"Stage 1 is not finished: {progress[0]} of {progress[1]} runs have finished. No arm is compared until "
+            "every run has: running the same command again skips the finished runs, completes the others and "
+            "rewrites this report."
+        )
     failed = ", ".join(f"`{name}`" for name, gate in gates.items() if not gate["passed"])
     return (
         f"Stage 1 did not run: the stage-0 gate(s) {failed} failed, and the pre-registered rule is to compare "
@@ -429,8 +435,10 @@ def _compute_text(compute: dict[str, Any]) -> str:
     return f"{compute['runs']} runs, {compute['seconds'] / 60:.1f} minutes in all on {devices}"
 
 
-def headline(arms: dict[str, dict], gates: dict[str, dict]) -> str:
+def headline(arms: dict[str, dict], gates: dict[str, dict], progress: tuple[int, int] | None = None) -> str:
     """One sentence on the primary endpoint, whatever it says."""
+    if progress is not None:
+        return f"Every stage-0 gate passed; stage 1 is not finished ({progress[0]} of {progress[1]} runs)."
     if not arms or "random" not in arms:
         failed = [name for name, gate in gates.items() if not gate["passed"]]
         return (
@@ -455,10 +463,12 @@ def write_report(
     seconds: float,
     sample_prompts: list[str] = (),
     control_prompts: list[str] = (),
+    stage1_progress: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """``results.json`` (gates, arms and the stage-0 controls), ``report.md`` and its figures;
     ``sample_prompts`` and ``control_prompts`` are the first test and control world's held-out prompts, the
-    rows of the sample grids."""
+    rows of the sample grids. ``stage1_progress`` (finished, total), with no ``main_results``: the interim
+    report written between the stages, which compares no arm."""
     output_dir = Path(output_dir)
     worlds = {w: json.loads((output_dir / "worlds" / f"w{w}.json").read_text()) for w in args.world_seeds
               if (output_dir / "worlds" / f"w{w}.json").exists()}  # fmt: skip
@@ -471,7 +481,7 @@ def write_report(
         "sweep": stage0["sweep"],
         "controls": stage0.get("controls", {}),
         "minimum_detectable_difference": float(np.median(mdds)) if mdds else float("nan"),
-        "headline": headline(arms, stage0["gates"]),
+        "headline": headline(arms, stage0["gates"], stage1_progress),
         "design": {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in vars(args).items()
@@ -529,7 +539,7 @@ validation prompts; differences paired by block, 95% t interval over world seeds
 
 ## Stage 1: every arm
 
-{_stage1_text(arms, figures, args, steps, mdd) if arms else _stage1_not_run(stage0["gates"])}
+{_stage1_text(arms, figures, args, steps, mdd) if arms else _stage1_not_run(stage0["gates"], stage1_progress)}
 
 Compute: {_compute_text(results["compute"])}.
 """

@@ -13,8 +13,10 @@ marker for about half its unsafe samples, and preference alignment has room to r
 move the harm rate either way. It fits the VAE, then the UNet (with an exponential moving average of its
 weights, which are the ones saved). The text encoder is frozen: trained jointly from scratch, it
 collapsed towards one output for every prompt before the UNet learned to read it (measured on the first
-pre-training run); frozen, what distinguishes the prompts stays for the UNet to learn. The weights (a few MB) ship in
-``fifa_hf/resources/world_model``:
+pre-training run); frozen, what distinguishes the prompts stays for the UNet to learn. The shipped encoder is a
+second, newly initialised one, frozen from its start (``--fresh_text_encoder``, pre-training stage 5): the first
+run's, frozen only after that run, had already collapsed. The weights (a few MB) ship in
+``fifa_hf/resources/world_model``, with every stage's command in its ``pretraining.json``:
 
     python -m fifa_hf.world.world_model --output_dir fifa_hf/resources/world_model
 """
