@@ -153,6 +153,9 @@ class MiniatureArguments:
     def settings(self) -> TrainingSettings:
         return TrainingSettings(self.learning_rate, self.beta, self.lora_rank, self.train_steps, self.rpo_alpha)
 
+    def resolved_model(self) -> str:
+        return self.model or str(shipped_world_model())
+
     def resolved_device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
@@ -623,7 +626,7 @@ def run_all(specs: list[RunSpec], args: MiniatureArguments, description: str) ->
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
-    model = args.model or str(shipped_world_model())
+    model = args.resolved_model()
     fingerprints = unfinished_runs(specs, args, model)
     tasks = [(spec, args, model, fingerprint) for spec, fingerprint in fingerprints.items()]
     todo = list(fingerprints)
@@ -791,7 +794,7 @@ def run_experiment(args: MiniatureArguments) -> dict[str, Any]:
     main_results = []
     if all(gate["passed"] for gate in stage0["gates"].values()):
         specs = main_specs(args, TrainingSettings(**stage0["settings"]))
-        unfinished = unfinished_runs(specs, args, args.model or str(shipped_world_model()))
+        unfinished = unfinished_runs(specs, args, args.resolved_model())
         if unfinished:  # stage 1 takes hours: report stage 0 now, in case this call is stopped before the end
             progress = (len(specs) - len(unfinished), len(specs))
             seconds = time.perf_counter() - start
