@@ -82,7 +82,10 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(2)
     output_dir = Path("probe_scratch") / ("on_policy" if options.on_policy else "renders")
-    args = miniature.MiniatureArguments(output_dir=str(output_dir))
+    # The probes trained under bf16 autocast (the design's training precision before amendment 4).
+    args = miniature.MiniatureArguments(
+        output_dir=str(output_dir), gradient_accumulation_steps=options.accumulation, train_bf16=True
+    )
     model = options.model or str(miniature.shipped_world_model())
     rows = miniature.world_rows(WORLD_SEED, args.num_pairs, args.label_temperature)
     if options.on_policy:
@@ -100,12 +103,11 @@ def main() -> None:
     @dataclasses.dataclass
     class ProbeConfig(DiffusionDPOConfig):
         def __post_init__(self):
-            self.gradient_accumulation_steps, self.sft, self.logging_steps = options.accumulation, options.sft, 1
-            self.rpo_alpha = options.rpo_alpha
+            self.sft, self.logging_steps = options.sft, 1
             super().__post_init__()
 
     fifa_hf.trainer.DiffusionDPOConfig = ProbeConfig  # execute_run builds its config from the package
-    settings = miniature.TrainingSettings(options.learning_rate, options.beta, 0, options.updates)
+    settings = miniature.TrainingSettings(options.learning_rate, options.beta, 0, options.updates, options.rpo_alpha)
     steps = tuple(range(options.every, options.updates + 1, options.every))
     spec = miniature.RunSpec(
         "probe", "base" if options.base else "oracle", WORLD_SEED, 0, "validation", None if options.base else settings,
