@@ -627,10 +627,8 @@ def run_all(specs: list[RunSpec], args: MiniatureArguments, description: str) ->
 
     output_dir = Path(args.output_dir)
     model = args.resolved_model()
-    fingerprints = unfinished_runs(specs, args, model)
-    tasks = [(spec, args, model, fingerprint) for spec, fingerprint in fingerprints.items()]
-    todo = list(fingerprints)
-    with tqdm(total=len(tasks), desc=f"{description} ({len(specs) - len(todo)} of {len(specs)} runs done)") as bar:
+    tasks = [(spec, args, model, fingerprint) for spec, fingerprint in unfinished_runs(specs, args, model).items()]
+    with tqdm(total=len(tasks), desc=f"{description} ({len(specs) - len(tasks)} of {len(specs)} runs done)") as bar:
         if args.workers > 1 and len(tasks) > 1:
             import multiprocessing
 
