@@ -104,14 +104,17 @@ def test_blocked_interval_averages_training_seeds_within_a_world_first():
     assert minimum_detectable_difference(interval["sd"], 3) == pytest.approx(detectable)
 
 
-def test_the_sweep_rule_keeps_each_settings_rpo_weight_and_drops_the_ones_that_drift():
+def test_the_sweep_rule_keeps_each_settings_loss_and_drops_the_ones_that_drift():
     args = MiniatureArguments(
-        sweep_grid=((0, 1e-4, 500.0, None), (0, 1e-4, 500.0, 250.0), (0, 3e-4, 500.0, 250.0)), sweep_steps=(3, 6),
-        evaluations=3,
+        sweep_grid=((0, 1e-4, 500.0, None, "sigmoid"), (0, 1e-4, 500.0, 250.0, "sigmoid"), (0, 3e-4, 500.0, None, "apo_zero")),
+        sweep_steps=(3, 6), evaluations=3,
     )  # fmt: skip
     specs = sweep_specs(args)
     assert [spec.eval_steps for spec in specs] == [(1, 2, 3, 4, 5, 6)] * 3
-    assert [spec.settings.rpo_alpha for spec in specs] == [None, 250.0, 250.0]
+    assert [(spec.settings.rpo_alpha, spec.settings.loss_type) for spec in specs] == [
+        (None, "sigmoid"), (250.0, "sigmoid"), (None, "apo_zero")
+    ]  # fmt: skip
+    assert specs[2].name == "full-w200-s0-r0-lr0.0003-b500-apo_zero-n6"
 
     def run(spec, rewards, drift):  # what a finished sweep run records: its curve and drift on chosen images
         curve = [{"step": step, "true_reward": reward} for step, reward in zip(spec.eval_steps, rewards)]
@@ -126,7 +129,9 @@ def test_the_sweep_rule_keeps_each_settings_rpo_weight_and_drops_the_ones_that_d
     ]
     chosen, table = choose_settings(results, args)
     assert chosen == TrainingSettings(1e-4, 500.0, 0, 6, rpo_alpha=250.0)
-    assert len(table) == 6 and {row["settings"]["rpo_alpha"] for row in table} == {None, 250.0}
+    assert len(table) == 6 and {row["settings"]["loss_type"] for row in table} == {"sigmoid", "apo_zero"}
+    results[2] = run(faster, [0.5, 0.5, 0.5, 0.7, 0.7, 0.7], drift=0.005)
+    assert choose_settings(results, args)[0] == TrainingSettings(3e-4, 500.0, 0, 6, loss_type="apo_zero")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +143,9 @@ def tiny_runs(tmp_path_factory):
         reader_check_images=2, world_seeds=(7,), training_seeds=(0,), arms=("base", "shuffled_oracle"),
         output_dir=str(root / "out"),
     )  # fmt: skip
-    settings = TrainingSettings(learning_rate=1e-4, beta=2500.0, lora_rank=0, train_steps=2, rpo_alpha=1250.0)
+    settings = TrainingSettings(
+        learning_rate=1e-4, beta=2500.0, lora_rank=0, train_steps=2, rpo_alpha=1250.0, loss_type="apo_zero"
+    )
     specs = [
         RunSpec("main", "base", 7, 0, "test", None, (0,), samples=True),
         RunSpec("main", "shuffled_oracle", 7, 0, "test", settings, (1, 2), samples=True),
@@ -154,6 +161,7 @@ def test_every_run_writes_its_curve_drift_and_reader_check(tiny_runs):
     assert shuffled["train_pairs"] == 12  # K = 10% of the usable pairs
     trained_with = shuffled["trainer_args"]  # the run's settings and the design's update size reach the trainer
     assert trained_with["rpo_alpha"] == 1250.0 and trained_with["beta"] == 2500.0
+    assert trained_with["loss_type"] == "apo_zero"
     assert trained_with["bf16"] is False  # trains in fp32 (faster on CPU); samples under bf16 autocast
     assert trained_with["per_device_train_batch_size"] * trained_with["gradient_accumulation_steps"] == 8
     assert shuffled["drift"] and shuffled["reader_agreement"]["n"] == 2

@@ -141,7 +141,8 @@ def test_rpo_adds_the_chosen_images_weighted_denoising_loss(tiny_sd_path, pairs,
 
 
 def test_loss_types_follow_their_formulas():
-    """Hinge is relu(1 - beta * logits); IPO pulls the unscaled logits towards 1 / (2 * beta) (beta is tau)."""
+    """Hinge is relu(1 - beta * logits); IPO pulls the unscaled logits towards 1 / (2 * beta) (beta is tau);
+    APO-zero scores each image against the reference on its own."""
     policy_w, policy_l = torch.tensor([0.1000, 0.1000]), torch.tensor([0.1002, 0.0998])
     ref_w, ref_l = torch.tensor([0.1001, 0.1001]), torch.tensor([0.1001, 0.1001])
     logits = -0.5 * ((policy_w - ref_w) - (policy_l - ref_l))  # +1e-4 (chosen improved), -1e-4
@@ -152,12 +153,17 @@ def test_loss_types_follow_their_formulas():
     ipo, _, _ = diffusion_dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=1000, loss_type="ipo")
     assert ipo.tolist() == pytest.approx([(1e-4 - 5e-4) ** 2, (-1e-4 - 5e-4) ** 2], rel=1e-3)
     assert DiffusionDPOConfig(output_dir="x", loss_type="ipo").beta == 1000
+    apo, chosen, rejected = diffusion_dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=5000, loss_type="apo_zero")
+    assert chosen.tolist() == pytest.approx([0.25, 0.25], abs=1e-3)  # -0.5 * 5000 * (0.1000 - 0.1001)
+    assert rejected.tolist() == pytest.approx([-0.25, 0.75], abs=1e-3)
+    assert apo.tolist() == pytest.approx((1 - torch.sigmoid(chosen) + torch.sigmoid(rejected)).tolist(), rel=1e-6)
+    assert apo[0] < apo[1]  # only the rejected image differs: raising its error lowers the loss
     assert DiffusionDPOConfig(output_dir="x", loss_type="hinge").beta == 5000
     sigmoid, _, _ = diffusion_dpo_loss(policy_w, policy_l, ref_w, ref_l)  # the paper's loss and beta by default
     assert sigmoid.tolist() == pytest.approx((-torch.nn.functional.logsigmoid(5000 * logits)).tolist(), rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "apo_zero"])
 def test_every_loss_type_learns_the_preference_of_a_few_pairs(tiny_sd_path, pairs, tmp_path, loss_type):
     """The trainer's own training_step and optimizer, repeated on 2 pairs with the same noise and timesteps."""
     args = config(tmp_path, learning_rate=1e-3, no_hflip=True, per_device_train_batch_size=2, loss_type=loss_type)
@@ -174,7 +180,9 @@ def test_every_loss_type_learns_the_preference_of_a_few_pairs(tiny_sd_path, pair
         history.append(trainer.training_step(trainer.model, batch).item())
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
-    assert history[0] == pytest.approx({"sigmoid": math.log(2), "hinge": 1.0, "ipo": 5e-4**2}[loss_type], rel=1e-5)
+    assert history[0] == pytest.approx(
+        {"sigmoid": math.log(2), "hinge": 1.0, "ipo": 5e-4**2, "apo_zero": 1.0}[loss_type], rel=1e-5
+    )
     assert history[-1] < 0.5 * history[0], history
     assert trainer._metrics["train"]["rewards/accuracies"][-1] == 1.0
     assert trainer._metrics["train"]["rewards/margins"][-1] > 0

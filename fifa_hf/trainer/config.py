@@ -58,9 +58,12 @@ class DiffusionDPOConfig(TrainingArguments):
             SD1.5 value). For `"ipo"`, IPO's tau as in TRL: the loss pulls the unscaled logit
             `-0.5 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))` towards `1 / (2 * beta)`; default 1000 (a target
             of 5e-4, about where the sigmoid loss at beta 5000 is satisfied; at 5000 the target is 1e-4 and the
-            loss ~1e-8).
+            loss ~1e-8). For `"apo_zero"`, the scale of each image's implicit reward
+            `-0.5 * beta * (mse - ref_mse)`, as for `"sigmoid"` (default 5000).
         loss_type (`str`, *optional*, defaults to `"sigmoid"`):
-            `"sigmoid"` (Diffusion-DPO), `"hinge"` or `"ipo"`.
+            `"sigmoid"` (Diffusion-DPO), `"hinge"`, `"ipo"` or `"apo_zero"` (TRL's names). APO-zero raises the
+            chosen images' likelihood and lowers the rejected ones' each against the reference, for data whose
+            chosen images are better than the model's own samples.
         sft (`bool`, *optional*, defaults to `False`):
             Train on the chosen images only with the plain denoising loss (the SFT baseline).
         rpo_alpha (`float` or `None`, *optional*, defaults to `None`):
@@ -95,7 +98,7 @@ class DiffusionDPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "sigmoid/hinge: KL strength in the Diffusion-DPO paper's convention (default 5000). "
-            "ipo: IPO's tau, the target logit is 1/(2*beta) (default 1000)."
+            "ipo: IPO's tau, the target logit is 1/(2*beta) (default 1000). apo_zero: as sigmoid (default 5000)."
         },
     )
     loss_type: str = field(default="sigmoid", metadata={"help": f"Loss: {', '.join(LOSS_TYPES)}."})

@@ -1,4 +1,4 @@
-"""The Diffusion-DPO objective (Wallace et al., 2023, Eq. 14) and its hinge and IPO variants.
+"""The Diffusion-DPO objective (Wallace et al., 2023, Eq. 14) and its hinge, IPO and APO-zero variants.
 
 The denoising error stands in for the negative log-likelihood: with per-sample MSEs of the policy
 and the frozen reference on the chosen (w) and rejected (l) images,
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "apo_zero")
 # sigmoid and hinge: the paper's KL strength for SD1.5. ipo: IPO's tau, a target logit 1 / (2 * 1000) = 5e-4,
 # about where the sigmoid loss at beta = 5000 is satisfied (-logsigmoid(2.5) = 0.08).
-DEFAULT_BETA = {"sigmoid": 5000.0, "hinge": 5000.0, "ipo": 1000.0}
+DEFAULT_BETA = {"sigmoid": 5000.0, "hinge": 5000.0, "ipo": 1000.0, "apo_zero": 5000.0}
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,10 @@ def diffusion_dpo_loss(
 
     ``logits = -0.5 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))`` is the implicit log-ratio
     difference; as in TRL's DPO, sigmoid is ``-logsigmoid(beta * logits)``, hinge
-    ``relu(1 - beta * logits)`` and IPO ``(logits - 1 / (2 * beta))**2`` (there ``beta`` is IPO's tau).
+    ``relu(1 - beta * logits)``, IPO ``(logits - 1 / (2 * beta))**2`` (there ``beta`` is IPO's tau), and
+    APO-zero (D'Oosterlinck et al., 2024) ``1 - sigmoid(chosen_reward) + sigmoid(rejected_reward)``: it anchors
+    each image to the reference, so the chosen images' error falls in absolute terms, not only relative to the
+    rejected ones'; with labels independent of the images its pushes cancel, as the pairwise losses' do.
     The rewards are ``-0.5 * beta * (mse - ref_mse)``, so ``chosen - rejected == beta * logits``.
     """
     chosen_rewards = -0.5 * beta * (policy_mse_chosen - ref_mse_chosen)
@@ -46,6 +49,8 @@ def diffusion_dpo_loss(
         losses = torch.relu(1 - beta * logits)
     elif loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     return losses, chosen_rewards.detach(), rejected_rewards.detach()

@@ -77,11 +77,13 @@ class TrainingSettings:
     lora_rank: int  # 0 trains the whole UNet against a frozen copy
     train_steps: int  # optimizer updates
     rpo_alpha: float | None = None  # weight of the chosen images' denoising loss (DiffusionDPOConfig.rpo_alpha)
+    loss_type: str = "sigmoid"  # DiffusionDPOConfig.loss_type
 
     @property
     def slug(self) -> str:
         rpo = f"-rpo{self.rpo_alpha:g}" if self.rpo_alpha is not None else ""
-        return f"r{self.lora_rank}-lr{self.learning_rate:g}-b{self.beta:g}{rpo}-n{self.train_steps}"
+        loss = f"-{self.loss_type}" if self.loss_type != "sigmoid" else ""
+        return f"r{self.lora_rank}-lr{self.learning_rate:g}-b{self.beta:g}{rpo}{loss}-n{self.train_steps}"
 
 
 @dataclass
@@ -108,13 +110,14 @@ class MiniatureArguments:
     lora_rank: int = 0
     train_steps: int = 300
     rpo_alpha: float | None = 250.0
+    loss_type: str = "sigmoid"
     batch_size: int = 16
     gradient_accumulation_steps: int = 4
     sweep: bool = True
-    sweep_grid: tuple[tuple[int, float, float, float | None], ...] = (
-        (0, 1e-4, 500.0, None), (0, 1e-4, 500.0, 250.0), (0, 1e-4, 500.0, 500.0), (0, 3e-4, 500.0, 250.0),
-    )  # (lora_rank, learning_rate, beta, rpo_alpha); lora_rank 0 trains the whole UNet; amendment 4  # fmt: skip
-    sweep_steps: tuple[int, ...] = (150, 300)
+    sweep_grid: tuple[tuple[int, float, float, float | None, str], ...] = (
+        (0, 1e-4, 500.0, 250.0, "sigmoid"), (0, 1e-4, 500.0, 500.0, "sigmoid"), (0, 3e-4, 500.0, 500.0, "sigmoid"),
+    )  # (lora_rank, learning_rate, beta, rpo_alpha, loss_type); lora_rank 0 trains the whole UNet; amendment 5  # fmt: skip
+    sweep_steps: tuple[int, ...] = (300, 600)
     drift_tolerance: float = 0.01
     # Evaluation: every run is evaluated ``evaluations`` times, evenly spaced; the endpoint is the mean of
     # the last three.
@@ -151,7 +154,9 @@ class MiniatureArguments:
 
     @property
     def settings(self) -> TrainingSettings:
-        return TrainingSettings(self.learning_rate, self.beta, self.lora_rank, self.train_steps, self.rpo_alpha)
+        return TrainingSettings(
+            self.learning_rate, self.beta, self.lora_rank, self.train_steps, self.rpo_alpha, self.loss_type
+        )
 
     def resolved_model(self) -> str:
         return self.model or str(shipped_world_model())
@@ -512,6 +517,7 @@ def execute_run(spec: RunSpec, args: MiniatureArguments, model: str, fingerprint
             config = DiffusionDPOConfig(
                 output_dir=scratch, max_steps=settings.train_steps, per_device_train_batch_size=args.batch_size,
                 gradient_accumulation_steps=args.gradient_accumulation_steps, rpo_alpha=settings.rpo_alpha,
+                loss_type=settings.loss_type,
                 learning_rate=settings.learning_rate, lr_scheduler_type="constant_with_warmup",
                 warmup_steps=min(10, settings.train_steps // 10), beta=settings.beta, resolution=IMAGE_SIZE,
                 cache_latents=True, logging_steps=max(1, min(spec.eval_steps) // 3), save_strategy="no",
@@ -540,7 +546,14 @@ def execute_run(spec: RunSpec, args: MiniatureArguments, model: str, fingerprint
         result["train_pairs"] = len(trainer.train_dataset)
         result["trainer_args"] = {
             name: getattr(trainer.args, name)
-            for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "rpo_alpha", "beta", "bf16")
+            for name in (
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "rpo_alpha",
+                "loss_type",
+                "beta",
+                "bf16",
+            )  # fmt: skip
         }
         result["drift"] = [
             {
@@ -681,8 +694,10 @@ def sweep_specs(args: MiniatureArguments) -> list[RunSpec]:
     every = min(args.sweep_steps) // args.evaluations
     steps = tuple(range(every, longest + 1, every))
     return [
-        RunSpec("sweep", "full", world, seed, "validation", TrainingSettings(lr, beta, rank, longest, rpo), steps)
-        for rank, lr, beta, rpo in args.sweep_grid
+        RunSpec(
+            "sweep", "full", world, seed, "validation", TrainingSettings(lr, beta, rank, longest, rpo, loss), steps
+        )
+        for rank, lr, beta, rpo, loss in args.sweep_grid
         for world in args.sweep_world_seeds
         for seed in args.training_seeds[:1]
     ]
@@ -693,8 +708,8 @@ def choose_settings(results: list[dict[str, Any]], args: MiniatureArguments) -> 
     images in the second half of training at most ``drift_tolerance`` above the reference's, relatively), the
     highest validation endpoint of the full arm; ties go to fewer steps, then to the smaller learning rate."""
     table = []
-    for rank, lr, beta, rpo in args.sweep_grid:
-        swept = TrainingSettings(lr, beta, rank, max(args.sweep_steps), rpo)
+    for rank, lr, beta, rpo, loss in args.sweep_grid:
+        swept = TrainingSettings(lr, beta, rank, max(args.sweep_steps), rpo, loss)
         mine = [r for r in results if r["spec"]["settings"] == dataclasses.asdict(swept)]
         for steps in args.sweep_steps:
             table.append(

@@ -41,8 +41,13 @@ def endpoint(result: dict[str, Any], metric: str = "true_reward", last: int = 3)
 
 def settings_label(settings: dict[str, Any]) -> str:
     kind = f"LoRA r{settings['lora_rank']}" if settings["lora_rank"] else "full UNet"
+    loss = settings.get("loss_type", "sigmoid")
+    loss = f", {loss} loss" if loss != "sigmoid" else ""
     rpo = f", rpo_alpha {settings['rpo_alpha']:g}" if settings.get("rpo_alpha") is not None else ""
-    return f"{kind}, lr {settings['learning_rate']:g}, beta {settings['beta']:g}{rpo}, {settings['train_steps']} steps"
+    return (
+        f"{kind}{loss}, lr {settings['learning_rate']:g}, beta {settings['beta']:g}{rpo}, "
+        f"{settings['train_steps']} steps"
+    )
 
 
 def _blocks(results: list[dict], arm: str, metric: Callable[[dict], float]) -> dict[tuple[int, int], float]:
