@@ -35,9 +35,9 @@ def diffusion_dpo_loss(
     ``logits = -0.5 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))`` is the implicit log-ratio
     difference; as in TRL's DPO, sigmoid is ``-logsigmoid(beta * logits)``, hinge
     ``relu(1 - beta * logits)``, IPO ``(logits - 1 / (2 * beta))**2`` (there ``beta`` is IPO's tau), and
-    APO-zero (D'Oosterlinck et al., 2024) ``1 - sigmoid(chosen_reward) + sigmoid(rejected_reward)``: it anchors
-    each image to the reference, so the chosen images' error falls in absolute terms, not only relative to the
-    rejected ones'; with labels independent of the images its pushes cancel, as the pairwise losses' do.
+    APO-zero (D'Oosterlinck et al., 2024) ``1 - sigmoid(chosen_reward) + sigmoid(rejected_reward)``: it scores
+    each image against the reference on its own, so the chosen images' error must fall in absolute terms, not
+    only relative to the rejected ones'.
     The rewards are ``-0.5 * beta * (mse - ref_mse)``, so ``chosen - rejected == beta * logits``.
     """
     chosen_rewards = -0.5 * beta * (policy_mse_chosen - ref_mse_chosen)

@@ -544,17 +544,8 @@ def execute_run(spec: RunSpec, args: MiniatureArguments, model: str, fingerprint
             images = last["images"]
         result["curve"] = curve
         result["train_pairs"] = len(trainer.train_dataset)
-        result["trainer_args"] = {
-            name: getattr(trainer.args, name)
-            for name in (
-                "per_device_train_batch_size",
-                "gradient_accumulation_steps",
-                "rpo_alpha",
-                "loss_type",
-                "beta",
-                "bf16",
-            )  # fmt: skip
-        }
+        names = "per_device_train_batch_size", "gradient_accumulation_steps", "rpo_alpha", "loss_type", "beta", "bf16"
+        result["trainer_args"] = {name: getattr(trainer.args, name) for name in names}
         result["drift"] = [
             {
                 "step": entry["step"],
