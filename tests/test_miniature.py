@@ -17,7 +17,12 @@ from fifa_hf.world.miniature import (
     sweep_specs,
     world_rows,
 )
-from fifa_hf.world.miniature_report import blocked_interval, minimum_detectable_difference, write_report
+from fifa_hf.world.miniature_report import (
+    blocked_interval,
+    minimum_detectable_difference,
+    pairs_seen,
+    write_report,
+)
 from fifa_hf.world.reference_reading import ATTRIBUTES, reference_read
 from fifa_hf.world.synthetic import JUNK_WORDS, UNSAFE_SUFFIXES, Attributes, describe, parse_prompt, render
 from fifa_hf.world.true_reward import read_attributes
@@ -102,6 +107,13 @@ def test_blocked_interval_averages_training_seeds_within_a_world_first():
     assert interval["ci_high"] - interval["mean"] == pytest.approx(half)
     detectable = (4.302652729911275 + 1.0606601717798212) * interval["sd"] / np.sqrt(3)  # + t(0.8, df = 2)
     assert minimum_detectable_difference(interval["sd"], 3) == pytest.approx(detectable)
+
+
+def test_pairs_seen_count_the_short_last_update_of_each_pass():
+    """280 pairs in updates of 64: 64, 64, 64, 64 and 24 a pass (transformers steps at the end of a pass)."""
+    assert [pairs_seen(updates, 280, 64) for updates in (1, 4, 5, 6, 10)] == [64, 256, 280, 344, 560]
+    assert pairs_seen(300, 280, 64) == 60 * 280  # not 300 x 64 = 19,200
+    assert pairs_seen(3, 128, 64) == 192  # a subset that fills its updates
 
 
 def test_the_sweep_rule_keeps_each_settings_loss_and_drops_the_ones_that_drift():

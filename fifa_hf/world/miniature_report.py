@@ -90,6 +90,19 @@ def minimum_detectable_difference(sd: float, worlds: int, confidence: float = 0.
     return float((stats.t.ppf(0.5 + confidence / 2, df) + stats.t.ppf(power, df)) * sd / np.sqrt(worlds))
 
 
+def pairs_seen(updates: int, train_pairs: int, pairs_per_update: int) -> int:
+    """Pairs a run has trained on after ``updates`` updates: transformers ends an update at the end of every
+    pass over the rows, so the last update of each pass holds only the pairs left (24 of 64 for 280 pairs)."""
+    updates_per_pass = -(-train_pairs // pairs_per_update)
+    return updates // updates_per_pass * train_pairs + updates % updates_per_pass * pairs_per_update
+
+
+def _images_seen(steps: list[int], entry: dict[str, Any], args: MiniatureArguments) -> list[int]:
+    """Images (2 per pair) seen at each of ``steps`` by a run of this arm's mean subset size."""
+    train_pairs = round(entry.get("train_pairs", 0))
+    return [2 * pairs_seen(step, train_pairs, args.pairs_per_update) if train_pairs else 0 for step in steps]
+
+
 def _harm(result: dict) -> float:
     return endpoint(result, "harm_rate")
 
@@ -209,7 +222,7 @@ def summarize_arms(results: list[dict], args: MiniatureArguments, worlds: dict[i
         for arm, entry in arms.items():
             reached = [s for s, m in zip(entry["curve"]["steps"], entry["curve"]["mean"]) if s and m >= target]
             entry["images_to_full_final"] = (
-                reached[0] * args.pairs_per_update * 2 if reached and arm != "base" else None
+                _images_seen(reached[:1], entry, args)[0] if reached and arm != "base" else None
             )
     for entry in arms.values():
         entry["mdd_vs_random"] = minimum_detectable_difference(entry["vs_random"]["sd"], entry["vs_random"]["worlds"])
@@ -228,11 +241,11 @@ def _plot_curves(path: Path, arms: dict[str, dict], args: MiniatureArguments, ti
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for index, (arm, entry) in enumerate(arms.items()):
         curve = entry["curve"]
-        images = np.array(curve["steps"]) * args.pairs_per_update * 2
         if arm == "base":
             axis.axhline(curve["mean"][0], color="gray", linestyle="--", label="base")
             continue
         color = f"C{index % 10}"
+        images = _images_seen(curve["steps"], entry, args)
         axis.plot(images, curve["mean"], marker="o", color=color, label=f"{arm} ({entry['runs']} runs)")
         axis.fill_between(images, curve["ci_low"], curve["ci_high"], color=color, alpha=0.15)
     axis.set_xlabel("images seen by Diffusion-DPO (2 per pair)")
