@@ -12,7 +12,9 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from huggingface_hub import ModelCard
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer, diffusion_dpo_loss
 from fifa_hf.world.synthetic import make_synthetic_pickapic
@@ -406,3 +408,57 @@ def test_two_processes_train_agree_save_once_and_draw_their_own_noise(tiny_sd_pa
     assert sorted(name for name in os.listdir(out) if name.startswith("saved-by-rank")) == ["saved-by-rank0"]
     assert (out / "pytorch_lora_weights.safetensors").exists()
     assert not any(name.startswith(".latent-cache") for name in os.listdir(out))
+
+
+@pytest.mark.parametrize(
+    "model, checkpointing",
+    [("tiny_sd_path", False), ("tiny_sd_path", True), ("tiny_sdxl_path", False)],
+    ids=["sd", "sd-activation-checkpointing", "sdxl"],
+)
+def test_a_lora_policy_reuses_the_reference_first_layers_with_the_same_loss_and_gradients(
+    pairs, tmp_path, request, model, checkpointing
+):
+    """The reference forward computes the layers before the first adapter once; the policy reuses them, exactly."""
+    args = config(tmp_path, learning_rate=1e-2, activation_checkpointing=checkpointing, resolution=32)
+    trainer = DiffusionDPOTrainer(
+        str(request.getfixturevalue(model)), args, train_dataset=pairs, peft_config=LoraConfig(**LORA)
+    )
+    trainer.train()  # the adapters are no longer zero
+    batch = trainer._batch_from_pixels(next(iter(trainer.get_train_dataloader())))
+    first_block_runs = []
+    trainer.model.down_blocks[0].resnets[0].register_forward_hook(lambda *_: first_block_runs.append(1))
+    shared_prefix, results = trainer._shared_prefix, []
+    for prefix in (shared_prefix, None):
+        trainer._shared_prefix = prefix
+        torch.manual_seed(7)
+        loss, _ = trainer._compute_loss(trainer.model, *batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer._trainable_parameters]))
+        trainer.model.zero_grad()
+    (shared_loss, shared_grads), (loss, grads) = results
+    assert len(first_block_runs) == 1 + 2  # once with the shared prefix, twice without
+    assert shared_prefix.reused > 0 and torch.equal(shared_loss, loss) and shared_loss != pytest.approx(math.log(2))
+    assert all(torch.equal(a, b) for a, b in zip(shared_grads, grads))
+
+
+def test_a_full_fine_tune_has_no_shared_prefix(tiny_sd_path, pairs, tmp_path):
+    trainer = DiffusionDPOTrainer(str(tiny_sd_path), config(tmp_path), train_dataset=pairs)
+    assert trainer._shared_prefix is None
+
+
+def test_a_lora_trains_its_adapters_while_the_frozen_layers_stay_in_inference_mode(tiny_sd_path, pairs, tmp_path):
+    """Frozen resnets in training mode copy channels-last activations to contiguous ones at every call."""
+
+    class Modes(TrainerCallback):
+        seen = set()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen |= {(type(m).__name__, m.training) for m in model.modules() if "Resnet" in type(m).__name__}
+            self.seen |= {("lora", m.training) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+
+    modes = Modes()
+    trainer = DiffusionDPOTrainer(
+        str(tiny_sd_path), config(tmp_path), train_dataset=pairs, peft_config=LoraConfig(**LORA), callbacks=[modes]
+    )
+    trainer.train()
+    assert modes.seen == {("ResnetBlock2D", False), ("lora", True)}

@@ -8,6 +8,7 @@ frozen copy for full fine-tuning, run under the same autocast as the policy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -42,8 +43,10 @@ from fifa_hf.progress import datasets_bars_disabled
 from fifa_hf.resolve import resolve_hub_reference
 from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
 from fifa_hf.trainer.config import DiffusionDPOConfig
+from fifa_hf.trainer.frozen_layers import FrozenLayers, find_frozen_layers
 from fifa_hf.trainer.latent_cache import LatentCache, build_latent_cache, shared_latent_cache
 from fifa_hf.trainer.loss import diffusion_dpo_loss, per_sample_mse, preference_accuracy
+from fifa_hf.trainer.shared_prefix import SharedFrozenPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +125,18 @@ def _enable_diffusers_checkpointing(unet: torch.nn.Module, kwargs: dict | None) 
     unet.activation_checkpointing_enable = activation_checkpointing_enable
 
 
-def _train_unless_training(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+def _train_unless_training(
+    module: torch.nn.Module, frozen_layers: list[torch.nn.Module], mode: bool = True
+) -> torch.nn.Module:
+    """``module.train(mode)``, at once when it is already training. A LoRA's frozen layers stay in inference mode,
+    where they compute the same (dropout is off) without diffusers' training-only copies: a resnet block makes its
+    input contiguous in training mode, a memory-format copy of channels-last activations at every call."""
     if mode and module.training:
         return module
-    return torch.nn.Module.train(module, mode)
+    torch.nn.Module.train(module, mode)
+    for layer in frozen_layers:
+        layer.eval()
+    return module
 
 
 def _zero_grads(parameters: list[torch.nn.Parameter], set_to_none: bool = True) -> None:
@@ -301,6 +312,15 @@ class DiffusionDPOTrainer(Trainer):
         if self.ref_unet is not None:
             self.ref_unet.to(self.accelerator.device)
         self._trainable_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+        frozen = find_frozen_layers(unet) if self.is_lora else FrozenLayers()
+        self._frozen_layers = frozen.layers
+        self._shared_prefix = None  # the LoRA reference's first layers, reused by the policy forward
+        if (
+            self.is_lora
+            and not args.sft
+            and not (args.torch_compile or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        ):
+            self._shared_prefix = SharedFrozenPrefix(unet, frozen)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._caches: dict[str, LatentCache] = {}
         self._before_samples = None
@@ -314,10 +334,10 @@ class DiffusionDPOTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """``Trainer.train``, without two walks over every UNet module at every step: the UNet's ``train()`` returns
-        at once when it is already in training mode, and ``zero_grad()`` clears the trained parameters only (the
-        frozen ones never hold gradients)."""
+        at once when it is already in training mode (a LoRA's frozen layers stay in inference mode), and
+        ``zero_grad()`` clears the trained parameters only (the frozen ones never hold gradients)."""
         unet = self.model
-        unet.train = functools.partial(_train_unless_training, unet)
+        unet.train = functools.partial(_train_unless_training, unet, self._frozen_layers)
         unet.zero_grad = functools.partial(_zero_grads, self._trainable_parameters)
         try:
             return super().train(*args, **kwargs)
@@ -447,7 +467,8 @@ class DiffusionDPOTrainer(Trainer):
         return self._loss_from_latents(model, latents[:, 0], latents[:, 1], hidden, pooled, time_ids)
 
     def _loss_from_latents(self, model, latents_w, latents_l, hidden, pooled, time_ids):
-        """One noise and timestep per pair, one policy forward on chosen+rejected, one reference forward."""
+        """One noise and timestep per pair, one reference forward and one policy forward on chosen+rejected; the
+        policy reuses the reference's layers before the first adapter (LoRA)."""
         noise = torch.randn_like(latents_w)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (len(latents_w),), device=latents_w.device
@@ -468,11 +489,13 @@ class DiffusionDPOTrainer(Trainer):
                 "text_embeds": pooled.repeat(copies, 1).to(dtype),
                 "time_ids": time_ids.repeat(copies, 1).to(dtype),
             }
-        mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
         if self.args.sft:
+            mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
             return mse.mean(), {"mse/policy_chosen": mse}
-        with torch.no_grad():
-            ref_mse = per_sample_mse(self._reference_forward(noisy, timesteps, hidden, kwargs), target)
+        with self._shared_prefix.shared() if self._shared_prefix else contextlib.nullcontext():
+            with torch.no_grad():
+                ref_mse = per_sample_mse(self._reference_forward(noisy, timesteps, hidden, kwargs), target)
+            mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
         mse_w, mse_l = mse.chunk(2)
         ref_w, ref_l = ref_mse.chunk(2)
         losses, chosen_rewards, rejected_rewards = diffusion_dpo_loss(
