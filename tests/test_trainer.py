@@ -450,7 +450,8 @@ def test_a_lora_trains_its_adapters_while_the_frozen_layers_stay_in_inference_mo
     """Frozen resnets in training mode copy channels-last activations to contiguous ones at every call."""
 
     class Modes(TrainerCallback):
-        seen = set()
+        def __init__(self):
+            self.seen = set()
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.seen |= {(type(m).__name__, m.training) for m in model.modules() if "Resnet" in type(m).__name__}

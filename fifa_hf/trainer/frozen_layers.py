@@ -29,9 +29,8 @@ def _is_frozen(module: torch.nn.Module) -> bool:
 def find_frozen_layers(model: torch.nn.Module, found: FrozenLayers | None = None) -> FrozenLayers:
     found = FrozenLayers() if found is None else found
     for child in model.children():
-        if isinstance(child, BaseTunerLayer) or _has_dropout(child):
-            found.boundaries.append(child)
-        elif any(p.requires_grad for p in child.parameters(recurse=False)):
+        trained = any(p.requires_grad for p in child.parameters(recurse=False))
+        if isinstance(child, BaseTunerLayer) or trained or _has_dropout(child):
             found.boundaries.append(child)
         elif not _is_frozen(child) or isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
             find_frozen_layers(child, found)  # containers are not called, their members are
