@@ -411,34 +411,41 @@ def test_two_processes_train_agree_save_once_and_draw_their_own_noise(tiny_sd_pa
 
 
 @pytest.mark.parametrize(
-    "model, checkpointing",
-    [("tiny_sd_path", False), ("tiny_sd_path", True), ("tiny_sdxl_path", False)],
-    ids=["sd", "sd-activation-checkpointing", "sdxl"],
+    "model, checkpointing, bf16",
+    [
+        ("tiny_sd_path", False, False),
+        ("tiny_sd_path", True, False),
+        ("tiny_sdxl_path", False, False),
+        ("tiny_sd_path", False, True),
+    ],
+    ids=["sd", "sd-activation-checkpointing", "sdxl", "sd-bf16"],
 )
-def test_a_lora_policy_reuses_the_reference_first_layers_with_the_same_loss_and_gradients(
-    pairs, tmp_path, request, model, checkpointing
+def test_a_lora_step_s_shortcuts_give_the_same_loss_and_gradients(
+    pairs, tmp_path, request, model, checkpointing, bf16
 ):
-    """The reference forward computes the layers before the first adapter once; the policy reuses them, exactly."""
-    args = config(tmp_path, learning_rate=1e-2, activation_checkpointing=checkpointing, resolution=32)
-    trainer = DiffusionDPOTrainer(
-        str(request.getfixturevalue(model)), args, train_dataset=pairs, peft_config=LoraConfig(**LORA)
-    )
+    """The reference forward computes the layers before the first adapter once and the policy reuses them; the
+    LoRA layers run a lean forward. Both are exact: the step is the same bit for bit without them."""
+    args = config(tmp_path, learning_rate=1e-2, activation_checkpointing=checkpointing, resolution=32, bf16=bf16)
+    lora = LoraConfig(**{**LORA, "lora_alpha": 8})  # scaling 2
+    trainer = DiffusionDPOTrainer(str(request.getfixturevalue(model)), args, train_dataset=pairs, peft_config=lora)
     trainer.train()  # the adapters are no longer zero
     batch = trainer._batch_from_pixels(next(iter(trainer.get_train_dataloader())))
     first_block_runs = []
     trainer.model.down_blocks[0].resnets[0].register_forward_hook(lambda *_: first_block_runs.append(1))
-    shared_prefix, results = trainer._shared_prefix, []
-    for prefix in (shared_prefix, None):
-        trainer._shared_prefix = prefix
+    shared_prefix, lean_layers, results = trainer._shared_prefix, trainer._lean_lora_layers, []
+    assert len(lean_layers) == len(trainer._lora_layers) > 0
+    for prefix, lean in ((shared_prefix, lean_layers), (None, [])):
+        trainer._shared_prefix, trainer._lean_lora_layers = prefix, lean
         torch.manual_seed(7)
-        loss, _ = trainer._compute_loss(trainer.model, *batch)
+        with trainer.compute_loss_context_manager():
+            loss, _ = trainer._compute_loss(trainer.model, *batch)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in trainer._trainable_parameters]))
         trainer.model.zero_grad()
-    (shared_loss, shared_grads), (loss, grads) = results
+    (fast_loss, fast_grads), (loss, grads) = results
     assert len(first_block_runs) == 1 + 2  # once with the shared prefix, twice without
-    assert shared_prefix.reused > 0 and torch.equal(shared_loss, loss) and shared_loss != pytest.approx(math.log(2))
-    assert all(torch.equal(a, b) for a, b in zip(shared_grads, grads))
+    assert shared_prefix.reused > 0 and torch.equal(fast_loss, loss) and fast_loss != pytest.approx(math.log(2))
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, grads))
 
 
 def test_a_full_fine_tune_has_no_shared_prefix(tiny_sd_path, pairs, tmp_path):

@@ -45,6 +45,7 @@ from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
 from fifa_hf.trainer.config import DiffusionDPOConfig
 from fifa_hf.trainer.frozen_layers import FrozenLayers, find_frozen_layers
 from fifa_hf.trainer.latent_cache import LatentCache, build_latent_cache, shared_latent_cache
+from fifa_hf.trainer.lean_lora import lean_lora_forwards, plain_lora_linears
 from fifa_hf.trainer.loss import diffusion_dpo_loss, per_sample_mse, preference_accuracy
 from fifa_hf.trainer.shared_prefix import SharedFrozenPrefix
 
@@ -275,6 +276,7 @@ class DiffusionDPOTrainer(Trainer):
         if args.activation_checkpointing:
             _enable_diffusers_checkpointing(unet, args.activation_checkpointing_kwargs)
         self._lora_layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+        self._lean_lora_layers = plain_lora_linears(self._lora_layers)  # run with fewer module calls in the loss
         self.resolution = args.resolution or unet.config.sample_size * self.pipeline.vae_scale_factor
         self.dataset_reports = {}
         self.dataset_names: list[str] = []
@@ -468,7 +470,7 @@ class DiffusionDPOTrainer(Trainer):
 
     def _loss_from_latents(self, model, latents_w, latents_l, hidden, pooled, time_ids):
         """One noise and timestep per pair, one reference forward and one policy forward on chosen+rejected; the
-        policy reuses the reference's layers before the first adapter (LoRA)."""
+        policy reuses the reference's layers before the first adapter, and plain LoRA layers run a lean forward."""
         noise = torch.randn_like(latents_w)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (len(latents_w),), device=latents_w.device
@@ -489,10 +491,11 @@ class DiffusionDPOTrainer(Trainer):
                 "text_embeds": pooled.repeat(copies, 1).to(dtype),
                 "time_ids": time_ids.repeat(copies, 1).to(dtype),
             }
-        if self.args.sft:
-            mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
-            return mse.mean(), {"mse/policy_chosen": mse}
-        with self._shared_prefix.shared() if self._shared_prefix else contextlib.nullcontext():
+        shared_prefix = self._shared_prefix.shared() if self._shared_prefix else contextlib.nullcontext()
+        with lean_lora_forwards(self._lean_lora_layers), shared_prefix:
+            if self.args.sft:
+                mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
+                return mse.mean(), {"mse/policy_chosen": mse}
             with torch.no_grad():
                 ref_mse = per_sample_mse(self._reference_forward(noisy, timesteps, hidden, kwargs), target)
             mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
