@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from huggingface_hub import ModelCard
 from peft import LoraConfig
@@ -411,31 +412,41 @@ def test_two_processes_train_agree_save_once_and_draw_their_own_noise(tiny_sd_pa
 
 
 @pytest.mark.parametrize(
-    "model, checkpointing, bf16",
+    "model, checkpointing, bf16, lora",
     [
-        ("tiny_sd_path", False, False),
-        ("tiny_sd_path", True, False),
-        ("tiny_sdxl_path", False, False),
-        ("tiny_sd_path", False, True),
+        ("tiny_sd_path", False, False, True),
+        ("tiny_sd_path", True, False, True),
+        ("tiny_sdxl_path", False, False, True),
+        ("tiny_sd_path", False, True, True),
+        ("tiny_sd_path", False, True, False),
     ],
-    ids=["sd", "sd-activation-checkpointing", "sdxl", "sd-bf16"],
+    ids=["sd", "sd-activation-checkpointing", "sdxl", "sd-bf16", "sd-full-bf16"],
 )
-def test_a_lora_step_s_shortcuts_give_the_same_loss_and_gradients(
-    pairs, tmp_path, request, model, checkpointing, bf16
+def test_a_step_s_shortcuts_give_the_same_loss_and_gradients(
+    pairs, tmp_path, request, model, checkpointing, bf16, lora
 ):
-    """The reference forward computes the layers before the first adapter once and the policy reuses them; the
-    LoRA layers run a lean forward. Both are exact: the step is the same bit for bit without them."""
+    """With LoRA the reference forward computes the layers before the first adapter once and the policy reuses them;
+    LoRA and attention layers run lean forwards. All are exact: the step is the same bit for bit without them."""
     args = config(tmp_path, learning_rate=1e-2, activation_checkpointing=checkpointing, resolution=32, bf16=bf16)
-    lora = LoraConfig(**{**LORA, "lora_alpha": 8})  # scaling 2
-    trainer = DiffusionDPOTrainer(str(request.getfixturevalue(model)), args, train_dataset=pairs, peft_config=lora)
-    trainer.train()  # the adapters are no longer zero
+    peft_config = LoraConfig(**{**LORA, "lora_alpha": 8}) if lora else None  # scaling 2
+    trainer = DiffusionDPOTrainer(
+        str(request.getfixturevalue(model)), args, train_dataset=pairs, peft_config=peft_config
+    )
+    trainer.train()  # the adapters (or the UNet) moved away from the reference
     batch = trainer._batch_from_pixels(next(iter(trainer.get_train_dataloader())))
     first_block_runs = []
     trainer.model.down_blocks[0].resnets[0].register_forward_hook(lambda *_: first_block_runs.append(1))
-    shared_prefix, lean_layers, results = trainer._shared_prefix, trainer._lean_lora_layers, []
-    assert len(lean_layers) == len(trainer._lora_layers) > 0
-    for prefix, lean in ((shared_prefix, lean_layers), (None, [])):
-        trainer._shared_prefix, trainer._lean_lora_layers = prefix, lean
+    shortcuts = (trainer._shared_prefix, trainer._lean_lora_layers, trainer._lean_attentions)
+    attentions = [m for m in trainer.model.modules() if isinstance(m, Attention)]
+    assert len(shortcuts[1]) == len(trainer._lora_layers) == (4 * len(attentions) if lora else 0)
+    assert len(shortcuts[2]) == len(attentions) * (1 if lora else 2)  # a full fine-tune's reference too
+    results = []
+    for prefix, lora_layers, attention_layers in (shortcuts, (None, [], [])):
+        trainer._shared_prefix, trainer._lean_lora_layers, trainer._lean_attentions = (
+            prefix,
+            lora_layers,
+            attention_layers,
+        )
         torch.manual_seed(7)
         with trainer.compute_loss_context_manager():
             loss, _ = trainer._compute_loss(trainer.model, *batch)
@@ -443,9 +454,12 @@ def test_a_lora_step_s_shortcuts_give_the_same_loss_and_gradients(
         results.append((loss.detach(), [p.grad.clone() for p in trainer._trainable_parameters]))
         trainer.model.zero_grad()
     (fast_loss, fast_grads), (loss, grads) = results
-    assert len(first_block_runs) == 1 + 2  # once with the shared prefix, twice without
-    assert shared_prefix.reused > 0 and torch.equal(fast_loss, loss) and fast_loss != pytest.approx(math.log(2))
+    if lora:
+        assert len(first_block_runs) == 1 + 2  # once with the shared prefix, twice without
+        assert shortcuts[0].reused > 0
+    assert torch.equal(fast_loss, loss) and fast_loss != pytest.approx(math.log(2))
     assert all(torch.equal(a, b) for a, b in zip(fast_grads, grads))
+    assert all(type(m.processor) is AttnProcessor2_0 for m in attentions)  # diffusers' own processors again
 
 
 def test_a_full_fine_tune_has_no_shared_prefix(tiny_sd_path, pairs, tmp_path):

@@ -45,7 +45,7 @@ from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
 from fifa_hf.trainer.config import DiffusionDPOConfig
 from fifa_hf.trainer.frozen_layers import FrozenLayers, find_frozen_layers
 from fifa_hf.trainer.latent_cache import LatentCache, build_latent_cache, shared_latent_cache
-from fifa_hf.trainer.lean_lora import lean_lora_forwards, plain_lora_linears
+from fifa_hf.trainer.lean_forwards import lean_forwards, plain_attentions, plain_lora_linears
 from fifa_hf.trainer.loss import diffusion_dpo_loss, per_sample_mse, preference_accuracy
 from fifa_hf.trainer.shared_prefix import SharedFrozenPrefix
 
@@ -276,7 +276,6 @@ class DiffusionDPOTrainer(Trainer):
         if args.activation_checkpointing:
             _enable_diffusers_checkpointing(unet, args.activation_checkpointing_kwargs)
         self._lora_layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
-        self._lean_lora_layers = plain_lora_linears(self._lora_layers)  # run with fewer module calls in the loss
         self.resolution = args.resolution or unet.config.sample_size * self.pipeline.vae_scale_factor
         self.dataset_reports = {}
         self.dataset_names: list[str] = []
@@ -317,12 +316,13 @@ class DiffusionDPOTrainer(Trainer):
         frozen = find_frozen_layers(unet) if self.is_lora else FrozenLayers()
         self._frozen_layers = frozen.layers
         self._shared_prefix = None  # the LoRA reference's first layers, reused by the policy forward
-        if (
-            self.is_lora
-            and not args.sft
-            and not (args.torch_compile or self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        ):
-            self._shared_prefix = SharedFrozenPrefix(unet, frozen)
+        self._lean_lora_layers, self._lean_attentions = [], []  # run with fewer module calls in the loss
+        if not (args.torch_compile or self.is_deepspeed_enabled or self.is_fsdp_enabled):  # they wrap the layers
+            if self.is_lora and not args.sft:
+                self._shared_prefix = SharedFrozenPrefix(unet, frozen)
+            self._lean_lora_layers = plain_lora_linears(self._lora_layers)
+            unets = [unet] if self.ref_unet is None else [unet, self.ref_unet]
+            self._lean_attentions = plain_attentions(module for model in unets for module in model.modules())
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._caches: dict[str, LatentCache] = {}
         self._before_samples = None
@@ -470,7 +470,8 @@ class DiffusionDPOTrainer(Trainer):
 
     def _loss_from_latents(self, model, latents_w, latents_l, hidden, pooled, time_ids):
         """One noise and timestep per pair, one reference forward and one policy forward on chosen+rejected; the
-        policy reuses the reference's layers before the first adapter, and plain LoRA layers run a lean forward."""
+        policy reuses the reference's layers before the first adapter, and plain LoRA and attention layers run lean
+        forwards."""
         noise = torch.randn_like(latents_w)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (len(latents_w),), device=latents_w.device
@@ -492,7 +493,7 @@ class DiffusionDPOTrainer(Trainer):
                 "time_ids": time_ids.repeat(copies, 1).to(dtype),
             }
         shared_prefix = self._shared_prefix.shared() if self._shared_prefix else contextlib.nullcontext()
-        with lean_lora_forwards(self._lean_lora_layers), shared_prefix:
+        with lean_forwards(self._lean_lora_layers, self._lean_attentions), shared_prefix:
             if self.args.sft:
                 mse = per_sample_mse(model(noisy, timesteps, hidden, **kwargs).sample, target)
                 return mse.mean(), {"mse/policy_chosen": mse}

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig, inject_adapter_in_model
 
-from fifa_hf.trainer.lean_lora import lean_lora_forwards, plain_lora_linears
+from fifa_hf.trainer.lean_forwards import LeanAttnProcessor, lean_forwards, plain_attentions, plain_lora_linears
 
 
 def adapted(**lora) -> torch.nn.Module:
@@ -35,7 +36,7 @@ def test_the_lean_forward_computes_peft_s_outputs_and_gradients_bit_for_bit(prec
     layers = plain_lora_linears(model.modules())
     assert [layer for layer, _ in layers] == [model[0]]
     expected = outputs_and_gradients(model, x, autocast=precision == "bf16-autocast")
-    with lean_lora_forwards(layers):
+    with lean_forwards(layers, []):
         lean = outputs_and_gradients(model, x, autocast=precision == "bf16-autocast")
         model[0]._disable_adapters = True  # as for the reference forward: the base layer alone
         assert torch.equal(model[0](x), model[0].base_layer(x))
@@ -55,6 +56,67 @@ def test_merged_weights_go_through_peft():
     expected = model(x)
     layers = plain_lora_linears(model.modules())
     model[0].merge()
-    with lean_lora_forwards(layers):
+    with lean_forwards(layers, []):
         merged = model(x)
     assert torch.allclose(merged, expected, atol=1e-6)  # not base + delta on merged weights (twice the adapter)
+
+
+def attention(**kwargs) -> Attention:
+    torch.manual_seed(0)
+    return Attention(**{"query_dim": 8, "heads": 2, "dim_head": 4, **kwargs})
+
+
+@pytest.mark.parametrize("kind", ["self-attention", "cross-attention", "masked (diffusers' processor)"])
+def test_the_lean_attention_computes_diffusers_outputs_and_gradients_bit_for_bit(kind):
+    layer = attention(cross_attention_dim=None if kind == "self-attention" else 6)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    context = None if kind == "self-attention" else torch.randn(2, 3, 6)
+    mask = torch.tensor([[True, True, False], [True, False, False]]) if kind.startswith("masked") else None
+    assert plain_attentions(layer.modules()) == [layer]
+
+    def outputs_and_gradients():
+        output = layer(x, encoder_hidden_states=context, attention_mask=mask)
+        output.square().sum().backward()
+        gradients = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+        layer.zero_grad()
+        x.grad = None
+        return output, gradients
+
+    expected = outputs_and_gradients()
+    with lean_forwards([], [layer]):
+        assert isinstance(layer.processor, LeanAttnProcessor)
+        lean = outputs_and_gradients()
+    assert torch.equal(lean[0], expected[0]) and all(torch.equal(a, b) for a, b in zip(lean[1], expected[1]))
+    assert type(layer.processor) is AttnProcessor2_0
+
+
+@pytest.mark.parametrize(
+    "kwargs, without",
+    [
+        (dict(residual_connection=True), None),
+        (dict(rescale_output_factor=2.0), None),
+        (dict(dropout=0.1), None),
+        (dict(qk_norm="layer_norm"), "norm_k"),
+        (dict(qk_norm="layer_norm"), "norm_q"),
+        (dict(norm_num_groups=2), None),
+        (dict(query_dim=32, spatial_norm_dim=4), None),
+        (dict(cross_attention_dim=6, cross_attention_norm="layer_norm"), None),
+        (dict(processor=AttnProcessor()), None),
+    ],
+    ids=[
+        "residual",
+        "rescaled",
+        "dropout",
+        "query-norm",
+        "key-norm",
+        "group-norm",
+        "spatial-norm",
+        "cross-norm",
+        "math",
+    ],
+)
+def test_attentions_that_do_more_keep_diffusers_processor(kwargs, without):
+    layer = attention(**kwargs)
+    if without:
+        setattr(layer, without, None)
+    assert plain_attentions(layer.modules()) == []
