@@ -2,7 +2,8 @@
 the same computations op for op (so bit for bit) with fewer module calls and without no-op ops.
 
 A small UNet's step is dominated by per-call overhead, which diffusers' and peft's general forwards add to every
-attention and adapter: at 64 px the two lean forwards take about 2% each off a cached LoRA step."""
+attention and adapter: the two lean forwards take 6% off a cached LoRA step at 64 px on CPU (4% at 256 px).
+Activation checkpointing recomputes with the library forwards, which give the same values."""
 
 from __future__ import annotations
 
