@@ -24,9 +24,11 @@ def outputs_and_gradients(model: torch.nn.Module, x: torch.Tensor, autocast: boo
     return output, gradients
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights-fp32-lora"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights-fp32-lora", "fp32-lora-bias"])
 def test_the_lean_forward_computes_peft_s_outputs_and_gradients_bit_for_bit(precision):
-    model, x = adapted(), torch.randn(4, 6)
+    model, x = adapted(lora_bias=precision.endswith("lora-bias")), torch.randn(4, 6)
+    if precision.endswith("lora-bias"):
+        torch.nn.init.normal_(model[0].lora_B["default"].bias)
     if precision == "bf16-weights-fp32-lora":  # a pipeline loaded in bf16: the adapter trains in fp32
         model.to(torch.bfloat16)
         for name, parameter in model.named_parameters():
@@ -42,7 +44,9 @@ def test_the_lean_forward_computes_peft_s_outputs_and_gradients_bit_for_bit(prec
         assert torch.equal(model[0](x), model[0].base_layer(x))
         model[0]._disable_adapters = False
     assert lean[0].dtype == expected[0].dtype and torch.equal(lean[0], expected[0])
-    assert len(lean[1]) == len(expected[1]) == 3 and all(torch.equal(a, b) for a, b in zip(lean[1], expected[1]))
+    assert len(lean[1]) == len(expected[1]) == (4 if precision.endswith("lora-bias") else 3) and all(
+        torch.equal(a, b) for a, b in zip(lean[1], expected[1])
+    )
     assert "forward" not in model[0].__dict__  # peft's own forward again
 
 

@@ -70,10 +70,11 @@ def _lean_lora_forward(layer: LoraLinear, name: str, peft_forward: Callable, x: 
     result = F.linear(x, base.weight, base.bias)
     if layer._disable_adapters:
         return result
-    lora_a, lora_b, scaling = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-    if x.dtype != lora_a.dtype and layer.cast_input_dtype_enabled:
-        x = x.to(lora_a.dtype)
-    delta = F.linear(F.linear(x, lora_a), lora_b)
+    lora_a, lora_b, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    if x.dtype != lora_a.weight.dtype and layer.cast_input_dtype_enabled:
+        x = x.to(lora_a.weight.dtype)
+    # (lora_B has a bias with peft's lora_bias)
+    delta = F.linear(F.linear(x, lora_a.weight, lora_a.bias), lora_b.weight, lora_b.bias)
     output = result + (delta if scaling == 1 else delta * scaling)
     return output if output.dtype == result.dtype else output.to(result.dtype)
 
