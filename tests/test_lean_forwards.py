@@ -124,3 +124,11 @@ def test_attentions_that_do_more_keep_diffusers_processor(kwargs, without):
     if without:
         setattr(layer, without, None)
     assert plain_attentions(layer.modules()) == []
+
+
+def test_a_processor_set_after_the_layers_were_chosen_is_kept():
+    layer = attention()
+    attentions = plain_attentions(layer.modules())
+    layer.set_processor(AttnProcessor())
+    with lean_forwards([], attentions):
+        assert type(layer.processor) is AttnProcessor

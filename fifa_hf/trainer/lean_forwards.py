@@ -121,7 +121,8 @@ def lean_forwards(lora_layers: list[tuple[LoraLinear, str]], attentions: list[At
     for layer, name in lora_layers:
         layer.forward = functools.partial(_lean_lora_forward, layer, name, layer.forward)
     for attention, processor in zip(attentions, processors):
-        attention.processor = LeanAttnProcessor(processor)
+        if type(processor) is AttnProcessor2_0:  # (not if another processor was set since)
+            attention.processor = LeanAttnProcessor(processor)
     try:
         yield
     finally:
