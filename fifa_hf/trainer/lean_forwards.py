@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from peft.tuners.lora import Linear as LoraLinear
 
+from fifa_hf.trainer.replaced_forwards import replaced_forwards
+
 
 def _plain_linear(module: torch.nn.Module) -> bool:
     """An ``nn.Linear`` itself (no subclass, quantised or offloaded layer) without hooks."""
@@ -116,20 +118,16 @@ LeanAttnProcessor.__call__.__signature__ = inspect.signature(LeanAttnProcessor._
 def lean_forwards(lora_layers: list[tuple[LoraLinear, str]], attentions: list[Attention]) -> Iterator[None]:
     """Inside, ``lora_layers`` (from :func:`plain_lora_linears`) and ``attentions`` (from :func:`plain_attentions`)
     run the lean forwards."""
-    own_forwards = [layer.__dict__.get("forward") for layer, _ in lora_layers]
+    names = dict(lora_layers)
     processors = [attention.processor for attention in attentions]
-    for layer, name in lora_layers:
-        layer.forward = functools.partial(_lean_lora_forward, layer, name, layer.forward)
     for attention, processor in zip(attentions, processors):
         if type(processor) is AttnProcessor2_0:  # (not if another processor was set since)
             attention.processor = LeanAttnProcessor(processor)
     try:
-        yield
+        with replaced_forwards(
+            list(names), lambda layer, forward: functools.partial(_lean_lora_forward, layer, names[layer], forward)
+        ):
+            yield
     finally:
-        for (layer, _), forward in zip(lora_layers, own_forwards):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
         for attention, processor in zip(attentions, processors):
             attention.processor = processor

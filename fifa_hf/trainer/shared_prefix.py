@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fifa_hf.trainer.frozen_layers import FrozenLayers
+from fifa_hf.trainer.replaced_forwards import replaced_forwards
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -51,19 +52,12 @@ class SharedFrozenPrefix:
         """The first UNet forward inside records the shared layers' outputs; the second reuses them."""
         handles = [self.unet.register_forward_pre_hook(self._start_forward)]
         handles += [module.register_forward_pre_hook(self._reach_boundary) for module in self._boundaries]
-        own_forwards = [module.__dict__.get("forward") for module in self._layers]
-        for module in self._layers:
-            module.forward = self._shared_forward(module, module.forward)
         try:
-            yield
+            with replaced_forwards(self._layers, self._shared_forward):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
-            for module, forward in zip(self._layers, own_forwards):
-                if forward is None:
-                    del module.forward
-                else:
-                    module.forward = forward
             self._outputs.clear()
             self._forward_index, self._before_boundary = 0, False
 
