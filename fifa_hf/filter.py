@@ -36,7 +36,7 @@ from fifa_hf.resolve import ResolutionError, resolve_hub_reference
 from fifa_hf.scoring import MarginScorer, ScoreCache, add_prompt_signals
 from fifa_hf.scoring.builders import build_embedder, build_quality_scorer, build_reward_model, resolve_models
 from fifa_hf.scoring.diversity import DEFAULT_EMBEDDING_MODEL
-from fifa_hf.scoring.margin import MARGIN_COLUMNS
+from fifa_hf.scoring.margin import MARGIN_COLUMNS, MarginWorkers
 from fifa_hf.scoring.rewards import PICKSCORE_MODEL
 from fifa_hf.selection import (
     DEFAULT_DIMINISHING_RETURNS,
@@ -402,10 +402,11 @@ class FiFAFilter:
             source = source.to_iterable_dataset()
         marked = map_to_pairs(source, drop_ties=self.config.drop_ties, reward_columns=self.config.reward_column_pair)
         scorer = MarginScorer(self.reward_model, absolute=self.config.margin_mode == "absolute")
+        workers = MarginWorkers(scorer, self.config.batch_size, self.config.num_proc)
         counts: Counter = Counter()
         frames, index = [], 0
         bar = tqdm(total=total, desc="Scoring preference margins", unit="pairs", disable=not self.progress)
-        with datasets_bars_disabled(), bar:
+        with datasets_bars_disabled(), bar, workers:
             for index, chunk in enumerate(marked.iter(batch_size=self.config.chunk_size)):
                 digest, rows = chunk_digest(chunk), len(chunk["row_id"])
                 frame = parts.load(index, digest)
@@ -418,7 +419,7 @@ class FiFAFilter:
                                        chunk["row_id"][0], chunk["row_id"][-1])  # fmt: skip
                     else:
                         counts["scored"] += rows
-                    frame = self._score_chunk(chunk, marked.features, scorer)
+                    frame = self._score_chunk(chunk, marked.features, workers)
                     parts.save(index, frame, digest)
                 frames.append(frame)
                 bar.update(rows)
@@ -431,20 +432,9 @@ class FiFAFilter:
         scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCORE_COLUMNS))
         return scores, counts
 
-    def _score_chunk(self, chunk: dict[str, list], features, scorer: MarginScorer) -> pd.DataFrame:
+    def _score_chunk(self, chunk: dict[str, list], features, workers: MarginWorkers) -> pd.DataFrame:
         table = unmarked(datasets.Dataset.from_dict(chunk, features=features))
-        frames = []
-        if len(table):
-            frames.append(
-                table.map(
-                    scorer,
-                    batched=True,
-                    batch_size=self.config.batch_size,
-                    with_rank=True,
-                    num_proc=self.config.num_proc,
-                    remove_columns=["chosen", "rejected"],
-                ).to_pandas()  # fmt: skip
-            )
+        frames = [workers(table)] if len(table) else []
         dropped = pd.DataFrame({name: chunk[name] for name in ("row_id", "prompt", "tie", "drop_reason")})
         dropped = dropped[dropped["drop_reason"] != ""]
         if len(dropped):

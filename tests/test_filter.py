@@ -447,3 +447,20 @@ def test_methods_that_do_not_read_quality_never_score_it(tmp_path):
     assert [step.step for step in result.report.steps] == ["to_preference_pairs", "margin"]
     with pytest.raises(InputError, match=r"--method setwise reads quality, which these scores do not hold"):
         reselect(tmp_path / "out", tmp_path / "setwise", method="setwise")
+
+
+def test_num_proc_workers_load_the_reward_model_once_per_run_and_score_as_one_process(tmp_path, tiny_clip_path):
+    from counting_reward import CountingCLIPReward
+
+    source = synthetic_source(tmp_path / "rows", 48)  # three parts of 16 rows
+    config = dict(reward_model=str(tiny_clip_path), reward_type="clip", reward_columns=None, k=20)
+    single = FiFAFilter(cheap_config(source, tmp_path / "single", **config)).run()
+
+    loads = tmp_path / "loads.txt"
+    reward = CountingCLIPReward(tiny_clip_path, loads)
+    workers = FiFAFilter(cheap_config(source, tmp_path / "workers", num_proc=2, **config), reward_model=reward).run()
+
+    pids = loads.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2 and str(os.getpid()) not in pids  # one load per worker process
+    pd.testing.assert_frame_equal(workers.scores, single.scores, rtol=1e-5)
+    assert workers.subset["ranking_id"] == single.subset["ranking_id"]

@@ -1,14 +1,20 @@
 """FiFA signal 1: the preference margin, reward(chosen) - reward(rejected), from a proxy reward model.
 
 Multi-GPU: ``pairs.map(MarginScorer(reward), batched=True, with_rank=True, num_proc=N)`` runs one
-process per GPU; each process loads its own copy of the reward model on ``cuda:<rank>``.
+process per GPU; each process loads its own copy of the reward model on ``cuda:<rank>``. To score
+many pieces of a dataset one after another (as the filter does, to resume), ``MarginWorkers`` keeps
+its processes, and their loaded models, for all of them.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
+import datasets
 import numpy as np
+import pandas as pd
 import torch
 
 from fifa_hf.images import MAX_PIXELS, ImageDecodeError, decode_image
@@ -76,3 +82,72 @@ class MarginScorer:
         if rows:
             rewards[rows] = self.reward_model.score(prompts, images).reshape(-1, 2)
         return rewards[:, 0], rewards[:, 1], errors
+
+
+def margin_frame(
+    pairs: datasets.Dataset, scorer: MarginScorer, batch_size: int, rank: int | None = None
+) -> pd.DataFrame:
+    """``pairs`` with the margin columns in place of the images."""
+    scored = pairs.map(
+        scorer, batched=True, batch_size=batch_size, fn_kwargs={"rank": rank}, remove_columns=["chosen", "rejected"]
+    )
+    return scored.to_pandas()
+
+
+class MarginWorkers:
+    """Scores pieces of a dataset in ``num_proc`` processes (one per GPU) that live as long as this object.
+
+    ``datasets.map(num_proc=N)`` starts N new processes per call, so scoring a dataset part by part
+    would load the reward model (PickScore: 4 GB) N times per part. These processes load it once.
+    They are spawned on first use (CUDA cannot run in a forked process); with ``num_proc`` None or 1
+    everything runs in this process. Use as a context manager, which stops the processes.
+    """
+
+    def __init__(self, scorer: MarginScorer, batch_size: int, num_proc: int | None = None):
+        self.scorer, self.batch_size, self.num_proc = scorer, batch_size, num_proc or 1
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> MarginWorkers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
+
+    def __call__(self, pairs: datasets.Dataset) -> pd.DataFrame:
+        if self.num_proc == 1:
+            return margin_frame(pairs, self.scorer, self.batch_size)
+        shards = max(1, min(self.num_proc, len(pairs)))  # never this process: it would load a model too
+        pieces = [pairs.shard(shards, index, contiguous=True) for index in range(shards)]
+        return pd.concat(list(self._workers().map(_score_in_worker, pieces)), ignore_index=True)
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            context = multiprocessing.get_context("spawn")
+            ranks = context.Queue()
+            for rank in range(self.num_proc):
+                ranks.put(rank)
+            threads = max(1, torch.get_num_threads() // self.num_proc)  # CPU scoring: no oversubscription
+            self._executor = ProcessPoolExecutor(
+                self.num_proc,
+                context,
+                initializer=_start_worker,
+                initargs=(self.scorer, self.batch_size, ranks, threads),
+            )
+        return self._executor
+
+
+_worker: tuple[MarginScorer, int, int] | None = None  # this worker process's scorer, batch size and rank
+
+
+def _start_worker(scorer: MarginScorer, batch_size: int, ranks, threads: int) -> None:
+    global _worker
+    torch.set_num_threads(threads)
+    datasets.disable_progress_bars()  # the parent's bar counts the rows
+    _worker = (scorer, batch_size, ranks.get())
+
+
+def _score_in_worker(pairs: datasets.Dataset) -> pd.DataFrame:
+    scorer, batch_size, rank = _worker
+    return margin_frame(pairs, scorer, batch_size, rank)
