@@ -240,8 +240,8 @@ def test_the_card_describes_the_sample_grid_it_shows():
 def test_a_float16_vae_that_asks_for_float32_encodes_in_float32(tiny_sdxl_path, pairs, tmp_path):
     from peft import LoraConfig
 
+    from fifa_hf.pipelines import load_pipeline
     from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
-    from fifa_hf.trainer.trainer import load_pipeline
 
     pipeline = load_pipeline(str(tiny_sdxl_path), torch_dtype=torch.float16)
     assert pipeline.vae.config.force_upcast  # as SDXL's own VAE config says

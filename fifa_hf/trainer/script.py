@@ -20,11 +20,12 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from fifa_hf.data import detect_schema, load_preference_dataset, parquet_files
 from fifa_hf.host_memory import retain_freed_memory
+from fifa_hf.pipelines import load_pipeline
 from fifa_hf.progress import setup_logging
 from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, ResolutionError, resolve_hub_reference
 from fifa_hf.trainer.config import DiffusionDPOConfig
 from fifa_hf.trainer.model_card import hub_id
-from fifa_hf.trainer.trainer import DiffusionDPOTrainer, load_pipeline
+from fifa_hf.trainer.trainer import DiffusionDPOTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from typing import Any
 import datasets
 import torch
 from accelerate import PartialState
-from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, deprecation_utils
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 from huggingface_hub import HfApi
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
@@ -39,8 +39,8 @@ from transformers.utils import PushInProgress
 from trl.trainer.utils import disable_dropout_in_model
 
 from fifa_hf.data import to_preference_pairs
+from fifa_hf.pipelines import load_pipeline
 from fifa_hf.progress import datasets_bars_disabled
-from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, resolve_hub_reference
 from fifa_hf.storage import files_matching
 from fifa_hf.trainer.collator import CachedPairCollator, DiffusionDPOCollator
 from fifa_hf.trainer.config import UNSUPPORTED_SHARDING, DiffusionDPOConfig
@@ -59,28 +59,6 @@ MODEL_FILE_PATTERNS = [
     "README.md", "*.safetensors", "model_index.json", "unet/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
     "tokenizer/*", "tokenizer_2/*", "scheduler/*", "samples/*",
 ]  # fmt: skip
-
-
-# Recent diffusers renamed from_pretrained's torch_dtype to dtype and warn on the old name.
-_DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-
-
-def load_pipeline(
-    model: str | os.PathLike | DiffusionPipeline, torch_dtype: torch.dtype | None = None, revision: str | None = None
-) -> DiffusionPipeline:
-    """A Hub id, a local pipeline directory or a pipeline object; SD pipelines load without a safety checker.
-
-    A Hub id is resolved (downloaded, or found in the cache) before anything loads, failing at once if it cannot be.
-    """
-    if isinstance(model, DiffusionPipeline):
-        return model
-    path = resolve_hub_reference(model, "model", revision=revision, allow_patterns=DIFFUSERS_PIPELINE_FILES)
-    kwargs = {}
-    if torch_dtype not in (None, torch.float32):
-        kwargs[_DTYPE_KWARG] = torch_dtype
-    if "text_encoder_2" in DiffusionPipeline.load_config(path):
-        return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
 
 
 def load_unet_weights(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
