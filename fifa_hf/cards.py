@@ -191,6 +191,7 @@ def dataset_card(
     """
     figures = figures or {}
     source = published_reference(config.dataset_name) or "local data"
+    read_from = f"`{source}` at commit `{config.dataset_revision}`" if config.dataset_revision else f"`{source}`"
     data = DatasetCardData(
         license=license,
         task_categories=["text-to-image"],
@@ -204,12 +205,12 @@ def dataset_card(
     k = config.k if config.k is not None else (QSD_DEFAULT_FRACTION if config.method == "qsd" else DEFAULT_K)
     if report.selected >= report.rows_kept:
         summary = (
-            f"All {report.selected} scored preference pairs of `{source}` (split `{config.split}`): k = {k:g} "
+            f"All {report.selected} scored preference pairs of {read_from} (split `{config.split}`): k = {k:g} "
             "is at or above the number of scored pairs, so nothing was filtered out by the selection."
         )
     else:
         summary = (
-            f"{report.selected} of the {report.rows_kept} scored preference pairs of `{source}` "
+            f"{report.selected} of the {report.rows_kept} scored preference pairs of {read_from} "
             f"(split `{config.split}`), selected by {METHOD_NAMES.get(config.method, config.method)}."
         )
     signals = {

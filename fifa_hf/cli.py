@@ -83,6 +83,12 @@ class SelectArguments:
     seed: int | None = field(default=None, metadata={"help": "Seed of the random baseline."})
     strict: bool = field(default=False, metadata={"help": "Fail, rather than warn, when k keeps every scored pair."})
     dataset_name: str | None = field(default=None, metadata={"help": "Source dataset, if it moved since filtering."})
+    dataset_revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Revision of a Hub source (default: the commit the filter read, unless --dataset_name is given)."
+        },
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Publish the new subset as a Hub dataset repo."})
     hub_model_id: str | None = field(
         default=None, metadata={"help": "Dataset repo to push to (`user/name` or `name`); default: output_dir's name."}
@@ -92,7 +98,7 @@ class SelectArguments:
 
 SELECT_OVERRIDES = (
     "method", "k", "alpha", "gamma", "normalization", "quality_threshold", "diminishing_returns", "setwise_base",
-    "max_pairs_per_prompt", "seed", "dataset_name",
+    "max_pairs_per_prompt", "seed", "dataset_name", "dataset_revision",
 )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ from fifa_hf.errors import InputError
 from fifa_hf.hub import LOCAL_SOURCE_FILE, check_output_dir, hub_repo_id, is_resume_state, write_subset
 from fifa_hf.images import DECODER_VERSION
 from fifa_hf.progress import datasets_bars_disabled
-from fifa_hf.resolve import ResolutionError, resolve_hub_reference
+from fifa_hf.resolve import ResolutionError, hub_dataset_commit
 from fifa_hf.scoring import MarginScorer, ScoreCache, add_prompt_signals
 from fifa_hf.scoring.builders import build_embedder, build_quality_scorer, build_reward_model, resolve_models
 from fifa_hf.scoring.diversity import DEFAULT_EMBEDDING_MODEL
@@ -83,6 +83,13 @@ class FiFAConfig:
         metadata={
             "help": "Hub id, `save_to_disk` directory or parquet file(s) of the source rows.",
             "aliases": ["--dataset"],  # its former name
+        },
+    )
+    dataset_revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Branch, tag or commit of a Hub dataset_name (default: main). The commit read is recorded in "
+            "fifa_config.yaml and the card, and `fifa-hf select` reads the same one."
         },
     )
     split: str = field(default="train", metadata={"help": "Split to filter."})
@@ -502,17 +509,30 @@ class FiFAFilter:
     def load_source(self):
         if not self.config.dataset_name:
             raise ValueError("FiFAConfig.dataset_name is not set and no dataset was passed to run().")
-        return load_source(self.config.dataset_name, self.config.split, self.config.streaming)
+        rows, commit = load_source(
+            self.config.dataset_name, self.config.split, self.config.streaming, self.config.dataset_revision
+        )
+        self.config.dataset_revision = commit  # what fifa_config.yaml and the card record, and select reads
+        return rows
 
 
-def load_source(dataset_name: str, split: str, streaming: bool):
-    """The source rows, after checking the reference (a missing local path or Hub repo fails at once)."""
+def load_source(
+    dataset_name: str, split: str, streaming: bool, revision: str | None = None
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
+    """The source rows and, for a Hub dataset, the commit they were read at.
+
+    The reference is checked first: a missing local path or Hub repo fails at once.
+    """
     if glob.has_magic(dataset_name):  # parquet files by pattern
+        if revision is not None:
+            raise ResolutionError("--dataset_revision applies to Hub datasets; --dataset_name is a file pattern.")
         if not glob.glob(os.path.expanduser(dataset_name)):
             raise ResolutionError(f"--dataset_name: no file matches {dataset_name!r}.")
-        return load_preference_dataset(os.path.expanduser(dataset_name), split, streaming=streaming)
-    resolved = resolve_hub_reference(dataset_name, "--dataset_name", repo_type="dataset", download=False)
-    return load_preference_dataset(resolved, split, streaming=streaming)
+        return load_preference_dataset(os.path.expanduser(dataset_name), split, streaming=streaming), None
+    commit = hub_dataset_commit(dataset_name, "--dataset_name", revision)
+    if commit is None:
+        return load_preference_dataset(os.path.expanduser(dataset_name), split, streaming=streaming), None
+    return load_preference_dataset(dataset_name, split, streaming=streaming, revision=commit), commit
 
 
 def _reason(errors: pd.Series, default: str) -> pd.Series:
@@ -571,9 +591,13 @@ def reselect(scores_dir: str | Path, output_dir: str | Path, **overrides: Any) -
     local_source = scores_dir / LOCAL_SOURCE_FILE
     if overrides.get("dataset_name") is None and local_source.exists():
         config.dataset_name = json.loads(local_source.read_text())["dataset_name"]
+    elif overrides.get("dataset_name") is not None and "dataset_revision" not in overrides:
+        config.dataset_revision = None  # the recorded commit is the filtered dataset's, not this one's
     check_output_dir(output_dir, config.dataset_name)
     scores = apply_selection(pd.read_parquet(scores_dir / "scores.parquet"), config)  # bad settings fail here
-    raw = load_source(config.dataset_name, config.split, config.streaming)
+    raw, config.dataset_revision = load_source(
+        config.dataset_name, config.split, config.streaming, config.dataset_revision
+    )
     previous = json.loads((scores_dir / "report.json").read_text())
     report = FilterReport(
         steps=[RowReport(**step) for step in previous["steps"]],

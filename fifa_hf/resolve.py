@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from fifa_hf.errors import InputError
+from fifa_hf.storage import hub_snapshot
 
 # What to download of a Hub repo (``allow_patterns``): only the files the loaders read, not the single-file
 # checkpoints, fp16/non-EMA variants, .bin duplicates or the safety checker that big repos also hold.
@@ -76,6 +77,22 @@ def resolve_local_path(reference: str | os.PathLike, flag: str) -> Path:
     if not path.exists():
         raise ResolutionError(f"{flag}: the local path {str(reference)!r} does not exist.")
     return path
+
+
+def hub_dataset_commit(reference: str, flag: str, revision: str | None = None) -> str | None:
+    """The commit ``revision`` (default: main) of a Hub dataset is at now, or None for a local dataset.
+
+    Reading the rows at this commit, now and in any later ``fifa-hf select``, reads the same rows even if the
+    repo moves on. Resolved from the Hub, or from the local cache without a connection (a snapshot directory
+    is named by its commit); the reference is checked as ``resolve_hub_reference`` checks it.
+    """
+    is_local = Path(reference).expanduser().exists() or looks_like_local_path(reference)
+    if is_local and revision is not None:
+        raise ResolutionError(f"{flag}: {reference!r} is a local dataset; a revision applies to Hub datasets only.")
+    snapshot = resolve_hub_reference(
+        reference, flag, repo_type="dataset", revision=revision, allow_patterns=["README.md"]
+    )
+    return None if is_local else hub_snapshot(snapshot)[1]
 
 
 def resolve_hub_reference(

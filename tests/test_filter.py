@@ -5,9 +5,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pandas as pd
 import pytest
+import yaml
 from datasets import load_dataset, load_from_disk
 from huggingface_hub import DatasetCard
 
@@ -464,3 +466,69 @@ def test_num_proc_workers_load_the_reward_model_once_per_run_and_score_as_one_pr
     assert len(pids) == 2 and len(set(pids)) == 2 and str(os.getpid()) not in pids  # one load per worker process
     pd.testing.assert_frame_equal(workers.scores, single.scores, rtol=1e-5)
     assert workers.subset["ranking_id"] == single.subset["ranking_id"]
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):
+    """`org/pairs` on a stand-in Hub: the cache knows its branch `main` and tag `v1` (read offline), and the
+    Hub's data servers, which cannot run here, answer from one local dataset per commit, recording each request."""
+    import datasets
+    import huggingface_hub
+
+    commits = {
+        "1" * 40: synthetic_source(tmp_path / "at-v1", 48, seed=1),
+        "2" * 40: synthetic_source(tmp_path / "at-main", 48, seed=2),
+    }
+    repo = tmp_path / "hub-cache" / "datasets--org--pairs"
+    for commit in commits:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "README.md").write_text("---\nlicense: mit\n---\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text("1" * 40)
+    (repo / "refs" / "main").write_text("2" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    requests, load_dataset, load_builder = [], datasets.load_dataset, datasets.load_dataset_builder
+
+    def hub_load_dataset(path, *args, revision=None, streaming=False, **kwargs):
+        if path != "org/pairs":
+            return load_dataset(path, *args, revision=revision, streaming=streaming, **kwargs)
+        requests.append(("rows", revision))
+        rows = load_from_disk(str(commits[revision]))
+        return rows.to_iterable_dataset() if streaming else rows
+
+    def hub_load_builder(path, *args, revision=None, **kwargs):
+        if path != "org/pairs":
+            return load_builder(path, *args, revision=revision, **kwargs)
+        requests.append(("files", revision))
+        return types.SimpleNamespace(config=types.SimpleNamespace(data_files={"train": [f"hf://{revision}.parquet"]}))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", hub_load_builder)
+    return requests
+
+
+def test_a_hub_source_is_read_at_one_commit_which_the_card_records_and_select_reads_again(tmp_path, hub_dataset):
+    v1, main_commit = "1" * 40, "2" * 40
+    result = FiFAFilter(cheap_config("org/pairs", tmp_path / "out", dataset_revision="v1")).run()
+    assert hub_dataset == [("files", v1), ("rows", v1)]  # the tag, pinned to its commit
+    assert yaml.safe_load((tmp_path / "out" / "fifa_config.yaml").read_text())["dataset_revision"] == v1
+    assert (
+        f"scored preference pairs of `org/pairs` at commit `{v1}`"
+        in DatasetCard.load(tmp_path / "out" / "README.md").text
+    )
+    v1_prompts = set(load_from_disk(str(tmp_path / "at-v1"))["caption"])
+    assert set(result.subset["caption"]) <= v1_prompts
+
+    hub_dataset.clear()
+    again = reselect(tmp_path / "out", tmp_path / "again", k=5)  # main has moved on; select reads v1's rows
+    assert hub_dataset == [("files", v1), ("rows", v1)]
+    assert again.subset["caption"] == again.scores.query("selected").sort_values("rank")["prompt"].tolist()
+
+    hub_dataset.clear()
+    FiFAFilter(cheap_config("org/pairs", tmp_path / "latest")).run()  # no revision: main, as it is now
+    assert hub_dataset == [("files", main_commit), ("rows", main_commit)]
+    assert f"`org/pairs` at commit `{main_commit}`" in DatasetCard.load(tmp_path / "latest" / "README.md").text
+
+    with pytest.raises(InputError, match=r"--dataset_name: .* is a local dataset; a revision applies to Hub datasets"):
+        FiFAFilter(cheap_config(tmp_path / "at-v1", tmp_path / "local", dataset_revision="v1")).run()
