@@ -192,7 +192,7 @@ class FiFAConfig:
     batch_size: int = field(default=64, metadata={"help": "Pairs per reward-model batch."})
     chunk_size: int = field(default=4096, metadata={"help": "Pairs per resumable scoring part."})
     num_proc: int | None = field(
-        default=None, metadata={"help": "Processes for the margin map (one GPU each with several GPUs)."}
+        default=None, metadata={"help": "Processes scoring margins, one per GPU; each loads the reward model once."}
     )
     device: str | None = field(default=None, metadata={"help": "Device for the models (default: cuda if available)."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, float16 or bfloat16."})
