@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +65,24 @@ def chunk_digest(chunk: dict[str, Sequence[Any]]) -> str:
 
 def json_digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def strict_json(value: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> str:
+    """JSON text with every non-finite float (an undefined statistic) written as ``null``.
+
+    ``json.dumps`` writes NaN and Infinity, which are not JSON: browsers, jq and most other readers reject the file.
+    """
+    return json.dumps(_finite_or_null(value), indent=indent, default=default, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 _TREE_DIGESTS: dict[tuple, str] = {}

@@ -258,8 +258,13 @@ def test_a_stage1_stopped_before_its_end_leaves_a_report_of_stage0_that_compares
         miniature.run_experiment(args)
     report = (tmp_path / "report.md").read_text()
     assert "Stage 1 is not finished: 0 of 3 runs have finished" in report and "Stage 1 did not run" not in report
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=not_json)
     assert results["arms"] == {} and "not finished (0 of 3 runs)" in results["headline"]
+    assert results["minimum_detectable_difference"] is None  # undefined before any arm is compared: null, not NaN
+
+
+def not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def test_stage0_stops_at_a_base_model_that_fails_its_gate_and_trains_nothing(tmp_path):

@@ -18,6 +18,7 @@ from fifa_hf.pipelines import load_pipeline
 from fifa_hf.progress import quiet_loading
 from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, LORA_FILES, resolve_hub_reference
 from fifa_hf.scoring.rewards import load_reward_model
+from fifa_hf.storage import strict_json
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -172,7 +173,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
         "rewards": compare(generations, scores, baseline_generations, baseline_scores),
         "images": _image_records(generations, scores, baseline_generations, baseline_scores),
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (output_dir / "results.json").write_text(strict_json(results, default=str))
     _write_markdown(output_dir, results)
     _write_grid(output_dir, generations, baseline_generations, args.grid_prompts)
     return results

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from fifa_hf.filter import FiFAConfig, FiFAFilter, apply_selection
 from fifa_hf.scoring import OfflineQualityScorer
 from fifa_hf.scoring.diversity import offline_minilm_path
 from fifa_hf.selection import DEFAULT_DIMINISHING_RETURNS, DEFAULT_QUALITY_THRESHOLD, resolve_k
+from fifa_hf.storage import strict_json
 from fifa_hf.world.synthetic import HARM_PREFERENCE, make_synthetic_pickapic, truth
 
 SIMULATED_REWARD_COLUMNS = ("simulated_proxy_reward_0", "simulated_proxy_reward_1")
@@ -288,7 +288,7 @@ def run_demo(args: DemoArguments) -> dict:
         },
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.json").write_text(strict_json(results))
     plot_summary(summary, output_dir / "selection_metrics.png")
     (output_dir / "report.md").write_text(report_text(args, seeds, summary, default, time.perf_counter() - start))
     return {"default_method": default, "summary": summary}

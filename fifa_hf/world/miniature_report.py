@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
+from fifa_hf.storage import strict_json
 from fifa_hf.world.reference_reading import ATTRIBUTES
 from fifa_hf.world.world_model import IMAGE_SIZE
 
@@ -508,7 +509,7 @@ def write_report(
         "seconds": seconds,
         "compute": _compute(output_dir),
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (output_dir / "results.json").write_text(strict_json(results, indent=1, default=float))
     figures, control_figures = [], []
     if arms:
         _plot_curves(
