@@ -6,7 +6,6 @@ The card text itself is `fifa_hf.cards.diffusion_model_card`; this module gather
 from __future__ import annotations
 
 import importlib.metadata
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from fifa_hf.resolve import looks_like_local_path
+from fifa_hf.storage import hub_snapshot
 
-_CACHE_SNAPSHOT = re.compile(r"(?:models|datasets)--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
 FRAMEWORKS = ("fifa-hf", "diffusers", "transformers", "trl", "peft", "accelerate", "datasets", "torch")
 SAMPLE_SIZE = 256  # px per image in the card's grid, whatever the training resolution
 
@@ -32,9 +31,9 @@ def hub_id(reference: str | None) -> str | None:
     if not reference:
         return None
     reference = str(reference)
-    match = _CACHE_SNAPSHOT.search(reference)
-    if match:
-        return f"{match.group(1)}/{match.group(2)}"
+    snapshot = hub_snapshot(reference)
+    if snapshot:
+        return snapshot[0]
     if Path(reference).expanduser().exists() or looks_like_local_path(reference) or "/" not in reference:
         return None
     try:
