@@ -338,9 +338,9 @@ def diffusion_model_card(
     trained_on += [f"`{d}` (a local dataset)" for d in local_datasets or []]
     rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
     versions = "\n".join(f"- {name}: {version}" for name, version in (framework_versions or {}).items())
-    rows = "Top row: the base model; bottom row: this model" if grid_shows_base else "This model's samples"
+    grid_caption = "Top row: the base model; bottom row: this model" if grid_shows_base else "This model's samples"
     grid = (
-        f"\n## Samples\n\n{rows} (same prompts and seeds).\n\n![Samples of the card prompts]({sample_grid})\n"
+        f"\n## Samples\n\n{grid_caption} (same prompts and seeds).\n\n![Samples of the card prompts]({sample_grid})\n"
         if sample_grid
         else ""
     )

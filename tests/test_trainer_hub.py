@@ -224,17 +224,20 @@ def test_cards_name_hub_models_by_their_id_and_local_ones_by_their_folder(tiny_s
     assert display_name(str(tiny_sd_path)) == "tiny-sd" and display_name(str(snapshot)) == "org/tiny-sd"
 
 
-def test_the_card_describes_the_sample_grid_it_shows():
+def test_the_card_describes_the_sample_grid_it_shows_and_tables_the_hyperparameters():
     from fifa_hf.cards import diffusion_model_card
 
+    hyperparameters = {"beta": 5000, "learning_rate": 1e-05}
     settings = dict(
-        model_id="user/sd-dpo", base_model="tiny-sd", base_model_id=None, is_sdxl=False, hyperparameters={},
+        model_id="user/sd-dpo", base_model="tiny-sd", base_model_id=None, is_sdxl=False, hyperparameters=hyperparameters,
         paper_citation="", samples=[("a red circle", "samples/0.jpg")], sample_grid="samples/grid.jpg",
     )  # fmt: skip
     lora = diffusion_model_card(is_lora=True, **settings).text  # adapters off: the base model's row
     assert "Top row: the base model; bottom row: this model (same prompts and seeds)." in lora
     sft = diffusion_model_card(is_lora=False, grid_shows_base=False, **settings).text  # a full SFT run: one row
     assert "This model's samples (same prompts and seeds)." in sft and "Top row" not in sft
+    for card in (lora, sft):
+        assert "| hyperparameter | value |\n|---|---|\n| beta | 5000 |\n| learning_rate | 1e-05 |\n" in card
 
 
 def test_a_float16_vae_that_asks_for_float32_encodes_in_float32(tiny_sdxl_path, pairs, tmp_path):
