@@ -104,10 +104,12 @@ SELECT_OVERRIDES = (
 
 def select_command(args: SelectArguments) -> None:
     from fifa_hf.filter import reselect
-    from fifa_hf.hub import hub_repo_id, push_subset_to_hub
+    from fifa_hf.hub import create_dataset_repo, push_subset_to_hub
 
     overrides = {name: getattr(args, name) for name in SELECT_OVERRIDES if getattr(args, name) is not None}
-    repo_id = hub_repo_id(args.hub_model_id, args.output_dir) if args.push_to_hub else None
+    repo_id = (
+        create_dataset_repo(args.hub_model_id, args.output_dir, args.hub_private_repo) if args.push_to_hub else None
+    )
     result = reselect(
         args.scores, args.output_dir, strict=args.strict, push_to_hub=args.push_to_hub, hub_model_id=repo_id,
         hub_private_repo=args.hub_private_repo, **overrides,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from fifa_hf.data import RowReport, load_preference_dataset, map_to_pairs, row_prompts, unmarked
 from fifa_hf.errors import InputError
-from fifa_hf.hub import LOCAL_SOURCE_FILE, check_output_dir, hub_repo_id, is_resume_state, write_subset
+from fifa_hf.hub import LOCAL_SOURCE_FILE, check_output_dir, create_dataset_repo, is_resume_state, write_subset
 from fifa_hf.images import DECODER_VERSION
 from fifa_hf.progress import datasets_bars_disabled
 from fifa_hf.resolve import ResolutionError, hub_dataset_commit
@@ -374,6 +374,8 @@ class FiFAFilter:
         self.progress = progress  # False: no progress bars (a caller running many filters shows its own)
         self.output_dir = Path(config.output_dir)
         check_output_dir(self.output_dir, config.dataset_name)
+        if config.push_to_hub:
+            config.hub_model_id = create_dataset_repo(config.hub_model_id, config.output_dir, config.hub_private_repo)
         self.resolved = resolve_models(
             config, reward=reward_model is None, quality=quality_scorer is None, embedding=embedder is None
         )
@@ -382,8 +384,6 @@ class FiFAFilter:
             quality_scorer if quality_scorer is not None else build_quality_scorer(config, self.resolved)
         )
         self.embedder = embedder if embedder is not None else build_embedder(config, self.resolved)
-        if config.push_to_hub:
-            config.hub_model_id = hub_repo_id(config.hub_model_id, config.output_dir)
 
     # ---- scoring -------------------------------------------------------------------------------
     def scoring_options(self) -> dict[str, Any]:

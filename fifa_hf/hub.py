@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,31 @@ def hub_repo_id(hub_model_id: str | None, output_dir: str | Path) -> str:
     return f"{HfApi().whoami()['name']}/{name}"
 
 
+def create_dataset_repo(hub_model_id: str | None, output_dir: str | Path, private: bool | None = None) -> str:
+    """The dataset repo to push to (``hub_repo_id``), created now if it does not exist, as TRL's trainers create
+    theirs when they start: a missing or read-only token fails here, before any work, not once the subset is done."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    fix = "Set HF_TOKEN to a token with write access (or run `hf auth login`)."
+    repo_id = hub_model_id or Path(output_dir).name
+    try:
+        repo_id = hub_repo_id(hub_model_id, output_dir)
+        HfApi(token=os.environ.get("HF_TOKEN")).create_repo(
+            repo_id, repo_type="dataset", private=private, exist_ok=True
+        )
+    except LocalTokenNotFoundError as error:
+        raise InputError(f"--push_to_hub needs a Hub token, and none is set. {fix}") from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise InputError(
+                f"--push_to_hub: the Hub refused to create or write the dataset repo {repo_id!r} (HTTP {status}). {fix}"
+            ) from error
+        raise
+    return repo_id
+
+
 def upload_files(
     folder: str | Path,
     repo_id: str,
@@ -138,14 +164,19 @@ def upload_files(
     return _upload(folder, repo_id, repo_type, patterns, commit_message, private, token, revision)[1]
 
 
-def _upload(folder, repo_id, repo_type, patterns, commit_message, private, token=None, revision=None):
-    from huggingface_hub import CommitOperationAdd, HfApi
+def _upload(folder, repo_id, repo_type, patterns, commit_message, private, token=None, revision=None, replace=()):
+    """``replace``: patterns of repo files that this commit's files replace; the repo's others matching them go."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder = Path(folder)
-    files = files_matching(folder, patterns)
-    operations = [CommitOperationAdd(path.relative_to(folder).as_posix(), str(path)) for path in files]
+    files = {path.relative_to(folder).as_posix(): path for path in files_matching(folder, patterns)}
+    operations = [CommitOperationAdd(name, str(path)) for name, path in files.items()]
     api = HfApi(token=token or os.environ.get("HF_TOKEN"))
     repo_url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if replace:
+        existing = api.list_repo_files(repo_url.repo_id, repo_type=repo_type, revision=revision)
+        stale = [name for name in existing if any(fnmatch(name, p) for p in replace) and name not in files]
+        operations += [CommitOperationDelete(name) for name in stale]
     commit = api.create_commit(
         repo_url.repo_id, operations, repo_type=repo_type, commit_message=commit_message, revision=revision
     )
@@ -153,6 +184,12 @@ def _upload(folder, repo_id, repo_type, patterns, commit_message, private, token
 
 
 def push_subset_to_hub(output_dir: str | Path, repo_id: str, private: bool | None = None) -> str:
-    """Publish a FiFA subset directory as a dataset repo; returns the repo's URL, as the Hub reports it."""
-    repo_url, _ = _upload(output_dir, repo_id, "dataset", PUBLISHED_PATTERNS, "Upload FiFA subset", private)
+    """Publish a FiFA subset directory as a dataset repo; returns the repo's URL, as the Hub reports it.
+
+    Data files already in the repo that this subset does not have (an earlier upload's other shards) are deleted
+    in the same commit: ``load_dataset`` would read them beside the new rows.
+    """
+    repo_url, _ = _upload(
+        output_dir, repo_id, "dataset", PUBLISHED_PATTERNS, "Upload FiFA subset", private, replace=["data/*"]
+    )
     return str(repo_url)

@@ -278,24 +278,33 @@ def test_max_pairs_per_prompt_and_signed_margins_reach_the_filter(tmp_path):
     )
 
 
-def test_push_to_hub_sends_the_subset_card_and_privacy(source_dir, tmp_path, monkeypatch, capsys):
-    from huggingface_hub import HfApi, RepoUrl
+def test_push_to_hub_creates_the_repo_first_then_sends_the_subset_card_and_privacy(
+    source_dir, tmp_path, monkeypatch, capsys
+):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoUrl
 
     sent = []
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    earlier_upload = [
+        ".gitattributes",
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ]
 
     def create_repo(self, repo_id, **kwargs):
-        sent.append(("create_repo", repo_id, kwargs, self.token))
+        sent.append(("create_repo", repo_id, kwargs, self.token, (out / "data").exists()))
         return RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
 
     def create_commit(self, repo_id, operations, **kwargs):
-        sent.append(
-            ("create_commit", repo_id, kwargs["repo_type"], {op.path_in_repo: op.path_or_fileobj for op in operations})
-        )
+        added = {op.path_in_repo: op.path_or_fileobj for op in operations if isinstance(op, CommitOperationAdd)}
+        deleted = [op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)]
+        sent.append(("create_commit", repo_id, kwargs["repo_type"], added, deleted))
         return f"https://huggingface.co/datasets/{repo_id}/commit/abc"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo_id, **kwargs: earlier_upload)
     monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "someone"})
     source, out = synthetic_source(tmp_path / "rows", 32), tmp_path / "fifa"
     main([
@@ -303,7 +312,8 @@ def test_push_to_hub_sends_the_subset_card_and_privacy(source_dir, tmp_path, mon
         "--reward_columns", "true_reward_0,true_reward_1", "--method", "margin", "--alpha", "0", "--k", "8",
         "--push_to_hub", "--hub_model_id", "user/pickapic-fifa", "--hub_private_repo", "true",
     ])  # fmt: skip
-    (_, repo_id, kwargs, token), (_, commit_repo, repo_type, files) = sent
+    (_, repo_id, kwargs, token, written), _, (_, commit_repo, repo_type, files, deleted) = sent
+    assert not written  # the repo (and the token's write access) was checked before any work
     assert (repo_id, kwargs["repo_type"], kwargs["private"], token) == (
         "user/pickapic-fifa",
         "dataset",
@@ -315,6 +325,7 @@ def test_push_to_hub_sends_the_subset_card_and_privacy(source_dir, tmp_path, mon
         "README.md", "data/train-00000-of-00001.parquet", "scores.parquet", "fifa_config.yaml", "report.json",
         "signal_histograms.png", "example_pairs.png",
     }  # fmt: skip
+    assert deleted == earlier_upload[2:]  # load_dataset would read the earlier shards beside the new rows
     card = open(files["README.md"]).read()
     assert card.startswith("---\nlicense: unknown") and 'load_dataset("user/pickapic-fifa"' in card
     assert "pushed to https://huggingface.co/datasets/user/pickapic-fifa" in capsys.readouterr().out
@@ -323,10 +334,30 @@ def test_push_to_hub_sends_the_subset_card_and_privacy(source_dir, tmp_path, mon
     sent.clear()
     main(["select", "--scores", str(out), "--output_dir", str(tmp_path / "qsd-subset"), "--method", "qsd",
           "--push_to_hub", "true"])  # fmt: skip
-    (_, repo_id, kwargs, _), (_, _, _, files) = sent
+    (_, repo_id, kwargs, _, _), _, (_, _, _, files, _) = sent
     assert (repo_id, kwargs["private"]) == ("someone/qsd-subset", None)  # TRL's default: the output dir's name
     assert 'load_dataset("someone/qsd-subset"' in open(files["README.md"]).read()
     assert "pushed to https://huggingface.co/datasets/someone/qsd-subset" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("refusal", ["no token", "read-only token"])
+def test_a_push_the_token_cannot_make_fails_before_any_work(tmp_path, monkeypatch, refusal):
+    import requests
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    def create_repo(self, repo_id, **kwargs):
+        if refusal == "no token":
+            raise LocalTokenNotFoundError("Token is required")
+        response = requests.Response()
+        response.status_code = 403
+        raise HfHubHTTPError("403 Forbidden: You don't have the rights to create a dataset", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    config = cheap_config(tmp_path / "missing-rows", tmp_path / "out", push_to_hub=True, hub_model_id="user/x")
+    with pytest.raises(InputError, match=r"--push_to_hub.*Set HF_TOKEN to a token with write access"):
+        FiFAFilter(config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_killed_filter_resumes_without_rescoring_and_gives_the_same_subset(
