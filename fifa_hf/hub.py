@@ -22,6 +22,7 @@ from typing import Any
 import datasets
 import pandas as pd
 import yaml
+from datasets.table import embed_table_storage
 
 from fifa_hf.cards import dataset_card, pairs_grid, signal_histograms
 from fifa_hf.errors import InputError
@@ -78,7 +79,7 @@ def write_subset(output_dir: str | Path, subset: datasets.Dataset, scores: pd.Da
     output_dir = Path(output_dir)
     with atomic_output_dir(output_dir, keep=is_resume_state) as staging, datasets_bars_disabled():
         (staging / "data").mkdir()
-        subset.to_parquet(str(staging / "data" / "train-00000-of-00001.parquet"))
+        embedded(subset).to_parquet(str(staging / "data" / "train-00000-of-00001.parquet"))
         scores.to_parquet(staging / "scores.parquet", index=False)
         (staging / "fifa_config.yaml").write_text(yaml.safe_dump(published_config(config), sort_keys=False))
         source = {"dataset_name": config.dataset_name, "split": config.split}
@@ -91,6 +92,14 @@ def write_subset(output_dir: str | Path, subset: datasets.Dataset, scores: pd.Da
         repo_id = config.hub_model_id if config.push_to_hub else None
         dataset_card(config, report, license, repo_id=repo_id, figures=figures).save(staging / "README.md")
     return output_dir
+
+
+def embedded(rows: datasets.Dataset) -> datasets.Dataset:
+    """``rows`` with every image or audio cell that refers to a local file holding that file's bytes (and only its
+    name), as ``Dataset.push_to_hub`` writes them: ``to_parquet`` keeps the reference, an absolute local path that
+    no one else can load."""
+    arrow = rows.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True)
+    return arrow.with_format(**rows.format)
 
 
 def source_license(dataset: str | None) -> str | None:

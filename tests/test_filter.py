@@ -563,3 +563,25 @@ def test_a_hub_source_is_read_at_one_commit_which_the_card_records_and_select_re
 
     with pytest.raises(InputError, match=r"--dataset_name: .* is a local dataset; a revision applies to Hub datasets"):
         FiFAFilter(cheap_config(tmp_path / "at-v1", tmp_path / "local", dataset_revision="v1")).run()
+
+
+def test_images_referenced_by_local_path_are_published_as_bytes_without_the_path(tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    rows = load_from_disk(str(synthetic_source(tmp_path / "rows", 16))).to_dict()
+    for column in ("jpg_0", "jpg_1"):  # an image folder's dataset: each cell names a file on this machine
+        for index, image in enumerate(rows[column]):
+            (tmp_path / f"{column}-{index}.png").write_bytes(image)
+        rows[column] = [str(tmp_path / f"{column}-{index}.png") for index in range(16)]
+    source = (
+        datasets.Dataset.from_dict(rows).cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    )
+
+    FiFAFilter(cheap_config(tmp_path / "unused", tmp_path / "out", k=4)).run(source)
+    published = pq.read_table(tmp_path / "out" / "data" / "train-00000-of-00001.parquet").to_pylist()
+    assert len(published) == 4
+    for row in published:
+        for column in ("jpg_0", "jpg_1"):
+            assert row[column]["bytes"] == (tmp_path / row[column]["path"]).read_bytes()  # the file itself, by name
+    assert str(tmp_path) not in published_text(tmp_path / "out")
