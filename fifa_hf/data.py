@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from fifa_hf.images import UNDECODABLE_IMAGE, ImageDecodeError, decode_image
+from fifa_hf.images import UNDECODABLE_IMAGE, ImageDecodeError, decode_image, open_image
 from fifa_hf.progress import datasets_bars_disabled
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -140,12 +140,9 @@ def image_problem(data: bytes | None, verify: bool = False) -> str:
         if verify:
             decode_image(data, min_size=VERIFY_SIZE)
         else:
-            with Image.open(io.BytesIO(data)) as image:
-                image.size  # noqa: B018 - parsing the header is the check
+            open_image(data).close()  # parsing the header (and the size it gives) is the check
     except ImageDecodeError as error:
         return error.reason
-    except Exception:
-        return UNDECODABLE_IMAGE
     return ""
 
 

@@ -49,14 +49,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, min_size: int | None = None, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
-    """Encoded image bytes -> upright 8-bit RGB, reduced towards ``min_size`` if given.
-
-    With ``min_size``, both sides stay at least ``min_size`` (JPEG: decoded in draft mode at 1/2, 1/4 or
-    1/8 scale; others: ``Image.reduce`` by the largest integer factor that keeps them there). Raises
-    ``ImageDecodeError`` (a ValueError) with the reason when the bytes do not decode or the image has
-    more than ``max_pixels`` pixels.
-    """
+def open_image(data: bytes, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """The image whose header ``data`` starts with, not yet decoded; ``ImageDecodeError`` with the reason when
+    the header does not parse or the image has more than ``max_pixels`` pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a reason
@@ -69,6 +64,18 @@ def decode_image(data: bytes, min_size: int | None = None, max_pixels: int | Non
         raise ImageDecodeError(
             IMAGE_TOO_LARGE, f"{image.width}x{image.height} pixels is above the limit of {max_pixels} pixels"
         )
+    return image
+
+
+def decode_image(data: bytes, min_size: int | None = None, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes -> upright 8-bit RGB, reduced towards ``min_size`` if given.
+
+    With ``min_size``, both sides stay at least ``min_size`` (JPEG: decoded in draft mode at 1/2, 1/4 or
+    1/8 scale; others: ``Image.reduce`` by the largest integer factor that keeps them there). Raises
+    ``ImageDecodeError`` (a ValueError) with the reason when the bytes do not decode or the image has
+    more than ``max_pixels`` pixels.
+    """
+    image = open_image(data, max_pixels)
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         if min_size and image.format == "JPEG":

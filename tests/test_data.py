@@ -163,3 +163,25 @@ def test_one_split_of_a_dataset_repo_is_read_without_preparing_the_others(tmp_pa
     (repo / "README.md").write_text("# Pick-a-Pic v2, in miniature\n")
     rows = load_preference_dataset(repo, split="validation_unique", cache_dir=str(tmp_path / "cache"))
     assert rows["caption"] == ["a", "b", "c", "d"]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it has that size and holds no pixels: all the default image check reads is there."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    size = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + size + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_the_header_check_names_oversized_images_as_the_decoder_does():
+    from fifa_hf.data import image_problem
+    from fifa_hf.images import MAX_PIXELS
+
+    assert image_problem(png_header(64, 64)) == ""
+    assert image_problem(png_header(10_000, MAX_PIXELS // 10_000 + 1)) == "image_too_large"  # above the limit
+    assert image_problem(png_header(20_000, MAX_PIXELS // 10_000 + 1)) == "image_too_large"  # PIL's bomb error
+    assert image_problem(b"not an image") == "undecodable_image"
