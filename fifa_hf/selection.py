@@ -34,8 +34,18 @@ DEFAULT_DIMINISHING_RETURNS = 0.5
 
 
 def normalize(values: np.ndarray, method: str = "zscore") -> np.ndarray:
-    """Put a signal on a common scale; a constant signal becomes all zeros."""
+    """Put a signal on a common scale; a constant signal becomes all zeros, and so does one that is undefined
+    (NaN) for every pair, such as the diversity of a single prompt. One undefined for some pairs only is refused:
+    its mean and spread would be NaN, and zeros would silently drop the signal for every pair."""
     values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        if np.isnan(values).all():
+            return np.zeros_like(values)
+        raise ValueError(
+            f"A signal has {int((~finite).sum())} non-finite values among {len(values)} pairs; "
+            "drop the pairs it could not score before selecting."
+        )
     if method == "none":
         return values
     if method == "zscore":

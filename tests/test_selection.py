@@ -30,6 +30,17 @@ def test_fifa_score_weights_each_normalized_signal():
     np.testing.assert_allclose(fifa_score(margin, None, None, 1, 1, "none"), margin)
 
 
+def test_a_signal_missing_for_some_pairs_is_refused_and_one_missing_for_all_counts_for_nothing():
+    margin = np.array([3.0, 2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="1 non-finite values among 4 pairs"):
+        fifa_score(margin, quality=np.array([0.0, np.nan, 0.1, 1.0]))  # zeros would have dropped quality for all
+    columns = {"row_id": np.arange(4), "prompt": list("abcd"), "margin": np.array([np.nan, 3.0, 2.0, 1.0])}
+    with pytest.raises(ValueError, match="drop the pairs it could not score"):
+        select(columns, "fifa", k=1, alpha=0, gamma=0)  # the NaN pair would have been selected
+    single_prompt_diversity = np.full(4, np.nan)  # the k-NN distance of a lone prompt is undefined
+    np.testing.assert_allclose(fifa_score(margin, diversity=single_prompt_diversity), normalize(margin))
+
+
 def test_fifa_score_defaults_weigh_the_three_z_scored_signals_equally():
     rng = np.random.default_rng(0)
     margin, quality, diversity = rng.normal(size=(3, 50)) * [[1.0], [5.0], [0.1]] + [[0.0], [3.0], [-2.0]]
