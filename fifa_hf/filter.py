@@ -459,6 +459,14 @@ class FiFAFilter:
         report.steps.append(self._step("margin", scores, before=margin_failed | (scores["drop_reason"] == "")))
 
         kept = scores["drop_reason"] == ""
+        if len(scores) and not kept.any():  # nothing to select from: do not replace an output with an empty subset
+            errors = scores["margin_error"].fillna("")
+            example = errors[errors != ""].iloc[0] if (errors != "").any() else scores["drop_reason"].iloc[0]
+            raise InputError(
+                f"None of the {len(scores)} source rows became a scored pair "
+                f"({scores['drop_reason'].value_counts().to_dict()}), e.g. {example}. Nothing was written. Check the "
+                "source's labels and images, and the reward model or --reward_columns."
+            )
         cache = ScoreCache(Path(self.config.cache_dir or self.output_dir / "cache") / "quality.sqlite")
         signals = datasets.Dataset.from_pandas(scores.loc[kept, ["row_id", "prompt"]], preserve_index=False)
         signals, stats = add_prompt_signals(

@@ -585,3 +585,16 @@ def test_images_referenced_by_local_path_are_published_as_bytes_without_the_path
         for column in ("jpg_0", "jpg_1"):
             assert row[column]["bytes"] == (tmp_path / row[column]["path"]).read_bytes()  # the file itself, by name
     assert str(tmp_path) not in published_text(tmp_path / "out")
+
+
+def test_a_source_without_one_scorable_pair_fails_and_writes_nothing(tmp_path):
+    import datasets
+
+    rows = load_from_disk(str(synthetic_source(tmp_path / "rows", 16))).to_pandas()
+    rows["true_reward_0"] = None  # no row has a reward for its first image
+    datasets.Dataset.from_pandas(rows, preserve_index=False).save_to_disk(tmp_path / "unrewarded")
+    with pytest.raises(
+        InputError, match=r"None of the 16 source rows became a scored pair \({'missing_reward': 15, 'tie': 1}\)"
+    ):
+        FiFAFilter(cheap_config(tmp_path / "unrewarded", tmp_path / "out")).run()
+    assert not (tmp_path / "out" / "data").exists()
