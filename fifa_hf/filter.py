@@ -389,9 +389,8 @@ class FiFAFilter:
     def scoring_options(self) -> dict[str, Any]:
         """Every option a margin depends on, with models by weights (Hub commit or file digest)."""
         c = self.config
-        reward = getattr(self.reward_model, "identity", None) or type(self.reward_model).__qualname__
         return {
-            "reward_type": c.reward_type, "reward": reward, "reward_columns": c.reward_columns,
+            "reward_type": c.reward_type, "reward": self.reward_model.identity, "reward_columns": c.reward_columns,
             "margin_mode": c.margin_mode, "dtype": c.dtype, "drop_ties": c.drop_ties, "chunk_size": c.chunk_size,
             "image_decoding": f"fifa_hf.images v{DECODER_VERSION}, reduced to the reward model's input size",
         }  # fmt: skip

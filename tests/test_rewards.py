@@ -111,6 +111,7 @@ class ImageArea(RewardModel):
     """A reward model of one's own (the ``RewardModel`` API): the pixels it was shown."""
 
     image_size = 64
+    identity = "image-area"  # what its scores depend on: nothing but the pixels
 
     def _load(self):
         return None
@@ -258,3 +259,16 @@ def test_add_signals_adds_the_three_signals_as_the_readme_shows(tiny_clip_path, 
     assert stats.unique_prompts == len(set(pairs["prompt"])) and stats.quality_scored == stats.unique_prompts
     assert np.allclose(scored["margin"], np.subtract(scored["reward_chosen"], scored["reward_rejected"]))
     assert np.isfinite(scored["diversity"]).all() and stats.skipped == []
+
+
+def test_a_reward_model_of_ones_own_must_say_what_its_scores_depend_on():
+    class Unnamed(RewardModel):  # without `identity`, a changed model would reuse a filter's saved margins
+        def _load(self):
+            return None
+
+        def score(self, prompts, images):
+            return np.zeros(len(images))
+
+    with pytest.raises(TypeError, match="identity"):
+        Unnamed()
+    assert ImageArea().identity == "image-area"

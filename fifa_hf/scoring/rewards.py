@@ -51,6 +51,12 @@ class RewardModel(LazyLoaded, abc.ABC):
         """The side the model resizes images to; decoding can stop at that size."""
         return None
 
+    @property
+    @abc.abstractmethod
+    def identity(self) -> str:
+        """Everything its scores depend on (weights by Hub commit or file digest, processor, dtype): the filter
+        reuses saved margins only for the same identity."""
+
     def resolve(self, flag: str) -> None:
         """Turn every checkpoint reference into a local path now (see ``fifa_hf.resolve``), so a missing model
         fails before the long work, naming ``flag``. Rewards without checkpoints have nothing to resolve."""

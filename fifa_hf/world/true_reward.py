@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from importlib.metadata import version
 
 import numpy as np
 from PIL import Image
@@ -125,6 +126,10 @@ class SyntheticTrueReward(RewardModel):
 
     def __init__(self):
         super().__init__(device="cpu")
+
+    @property
+    def identity(self) -> str:
+        return f"synthetic-true-reward:fifa-hf=={version('fifa-hf')}"  # the reader is this package's code
 
     def _load(self):
         return None
