@@ -17,6 +17,7 @@ from fifa_hf.cli import main
 from fifa_hf.errors import InputError
 from fifa_hf.filter import FiFAConfig, FiFAFilter, reselect
 from fifa_hf.scoring.diversity import offline_minilm_path
+from fifa_hf.scoring.rewards import CLIPRewardModel
 from fifa_hf.storage import StaleScoresError
 
 
@@ -151,7 +152,7 @@ def test_missing_prompt_column_names_it(tmp_path):
     datasets.Dataset.from_dict({"jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}).save_to_disk(tmp_path / "bad")
     config = FiFAConfig(dataset_name=str(tmp_path / "bad"), output_dir=str(tmp_path / "o"), method="margin", alpha=0)
     with pytest.raises(ValueError, match="caption"):
-        FiFAFilter(config, reward_model=object()).run()
+        FiFAFilter(config, reward_model=CLIPRewardModel("never-loaded")).run()
 
 
 def test_without_network_the_filter_fails_before_any_work_naming_flag_model_and_fix(tmp_path, monkeypatch, capsys):
