@@ -10,7 +10,6 @@ import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from fifa_hf.redact import published_reference
-from fifa_hf.selection import DEFAULT_K, QSD_DEFAULT_FRACTION
 
 FIFA_CITATION = """@inproceedings{yang2025fifa,
   title     = {Automated Filtering of Human Feedback Data for Aligning Text-to-Image Diffusion Models},
@@ -202,7 +201,7 @@ def dataset_card(
     )  # no `configs`: data/train-*.parquet is found by name, and with them datasets caches a local directory by
     # its card, so that load_dataset(output_dir) would return an earlier run's rows after a rewrite
     method = METHOD_DESCRIPTIONS.get(config.method, f"by the `{config.method}` selection method.")
-    k = config.k if config.k is not None else (QSD_DEFAULT_FRACTION if config.method == "qsd" else DEFAULT_K)
+    k = config.selection_k
     if report.selected >= report.rows_kept:
         summary = (
             f"All {report.selected} scored preference pairs of {read_from} (split `{config.split}`): k = {k:g} "

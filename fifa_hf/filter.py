@@ -40,13 +40,12 @@ from fifa_hf.scoring.margin import MARGIN_COLUMNS, MarginWorkers
 from fifa_hf.scoring.rewards import PICKSCORE_MODEL
 from fifa_hf.selection import (
     DEFAULT_DIMINISHING_RETURNS,
-    DEFAULT_K,
     DEFAULT_METHOD,
     DEFAULT_QUALITY_THRESHOLD,
     METHODS,
     NORMALIZATIONS,
-    QSD_DEFAULT_FRACTION,
     SETWISE_BASES,
+    default_k,
     resolve_k,
     select,
 )
@@ -240,6 +239,11 @@ class FiFAConfig:
         for name in ("alpha", "gamma", "quality_threshold", "diminishing_returns"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}.")
+
+    @property
+    def selection_k(self) -> float:
+        """``k``, or the method's default when it is None (``fifa_hf.selection.default_k``)."""
+        return self.k if self.k is not None else default_k(self.method)
 
     @property
     def needs_quality(self) -> bool:
@@ -565,7 +569,7 @@ def apply_selection(scores: pd.DataFrame, config: FiFAConfig) -> pd.DataFrame:
     scores = scores.copy()
     kept = scores.index[scores["drop_reason"] == ""]
     pool = scores.loc[kept]
-    k = config.k if config.k is not None else (QSD_DEFAULT_FRACTION if config.method == "qsd" else DEFAULT_K)
+    k = config.selection_k
     if len(pool) and resolve_k(k, len(pool)) >= len(pool):
         message = f"k={k:g} keeps all {len(pool)} scored pairs: nothing is filtered out."
         if config.strict:
@@ -644,10 +648,14 @@ def finish_report(report: FilterReport, scores: pd.DataFrame, config: FiFAConfig
     gated = rest["fifa_score"].isna()  # setwise scores the pairs below its quality gate NaN
     capped = pd.Series(False, index=rest.index)
     if config.max_pairs_per_prompt and len(selected):
-        # A pair scoring at least as well as the last one kept was left out only because its prompt was full.
+        # Left out only because its prompt was full: a pair scoring at least as well as the last one kept, or
+        # any pair at all when the cap stopped the selection short of K (no pair was below a cut then).
         full = selected["prompt"].value_counts()
         full = set(full[full >= config.max_pairs_per_prompt].index)
-        capped = rest["prompt"].isin(full) & (rest["fifa_score"] >= selected["fifa_score"].min())
+        short_of_k = len(selected) < resolve_k(config.selection_k, len(pool))
+        capped = (
+            rest["prompt"].isin(full) & ~gated & ((rest["fifa_score"] >= selected["fifa_score"].min()) | short_of_k)
+        )
     counts = {"quality_gate": int(gated.sum()), "max_pairs_per_prompt": int(capped.sum())}
     counts["below_cutoff"] = len(rest) - sum(counts.values())
     report.not_selected = {reason: count for reason, count in counts.items() if count}

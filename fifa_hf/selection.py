@@ -33,6 +33,11 @@ DEFAULT_QUALITY_THRESHOLD = 0.5
 DEFAULT_DIMINISHING_RETURNS = 0.5
 
 
+def default_k(method: str) -> float:
+    """K when none is given: 5000 pairs (FiFA's ~0.5% of Pick-a-Pic v2), or the top 5.33% for QSD."""
+    return QSD_DEFAULT_FRACTION if method == "qsd" else DEFAULT_K
+
+
 def normalize(values: np.ndarray, method: str = "zscore") -> np.ndarray:
     """Put a signal on a common scale; a constant signal becomes all zeros, and so does one that is undefined
     (NaN) for every pair, such as the diversity of a single prompt. One undefined for some pairs only is refused:
@@ -200,7 +205,7 @@ def select(
     row_ids = np.asarray(columns["row_id"])
     num_pairs = len(row_ids)
     if k is None:
-        k = QSD_DEFAULT_FRACTION if method == "qsd" else DEFAULT_K
+        k = default_k(method)
     count = resolve_k(k, num_pairs)
     if method == "fifa":
         missing = [c for c, w in (("quality", alpha), ("diversity", gamma)) if w and c not in columns]

@@ -599,3 +599,16 @@ def test_a_source_without_one_scorable_pair_fails_and_writes_nothing(tmp_path):
     ):
         FiFAFilter(cheap_config(tmp_path / "unrewarded", tmp_path / "out")).run()
     assert not (tmp_path / "out" / "data").exists()
+
+
+def test_pairs_a_full_prompt_kept_out_are_reported_as_capped_even_when_k_is_not_reached(tmp_path):
+    from fifa_hf.filter import FilterReport, apply_selection, finish_report
+
+    scores = pd.DataFrame({
+        "row_id": [0, 1, 2], "prompt": ["a", "a", "b"], "margin": [3.0, 0.1, 2.0], "drop_reason": ["", "", ""],
+        "reward_chosen": [1.0, 1.0, 1.0], "reward_rejected": [0.0, 0.9, 0.0],
+    })  # fmt: skip
+    config = FiFAConfig(method="margin", alpha=0, gamma=0, k=3, max_pairs_per_prompt=1)
+    report = FilterReport()
+    finish_report(report, apply_selection(scores, config), config)
+    assert report.selected == 2 and report.not_selected == {"max_pairs_per_prompt": 1}  # not "below_cutoff"
