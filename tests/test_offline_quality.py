@@ -102,3 +102,10 @@ def test_its_identity_follows_the_weights_of_a_custom_embedding_model(tmp_path):
     before = OfflineQualityScorer(embedding_model=str(model)).identity
     (model / "model.safetensors").write_bytes(b"weights, retrained in place")
     assert OfflineQualityScorer(embedding_model=str(model)).identity != before  # cached scores are not reused
+
+
+def test_scoring_in_batches_shows_one_bar_with_the_total(scorer, capfd, monkeypatch):
+    monkeypatch.setattr(scorer, "batch_size", 2)
+    scorer(["a red cat on a sofa", "a blue dog", "xx qq", "an old man reading a book", "a sunset over the sea"])
+    shown = capfd.readouterr().err
+    assert "Scoring prompt quality (offline)" in shown and "5/5" in shown and "Embedding prompts" not in shown

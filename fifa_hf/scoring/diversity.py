@@ -22,14 +22,20 @@ DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class PromptEmbedder(LazyLoaded):
-    """L2-normalized sentence-transformers embeddings, each unique prompt encoded once, with one bar."""
+    """L2-normalized sentence-transformers embeddings, each unique prompt encoded once, with one bar (none with
+    ``progress=False``: a caller that embeds in pieces shows its own)."""
 
     def __init__(
-        self, model_name_or_path: str = DEFAULT_EMBEDDING_MODEL, device: str | None = None, batch_size: int = 256
+        self,
+        model_name_or_path: str = DEFAULT_EMBEDDING_MODEL,
+        device: str | None = None,
+        batch_size: int = 256,
+        progress: bool = True,
     ):
         self.model_name_or_path = str(model_name_or_path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
+        self.progress = progress
 
     def _load(self):
         return _sentence_transformer(self.model_name_or_path, self.device)
@@ -38,7 +44,10 @@ class PromptEmbedder(LazyLoaded):
         prompts = list(prompts)
         step = 16 * self.batch_size
         parts = []
-        with tqdm(total=len(prompts), desc="Embedding prompts", unit="prompts", disable=not prompts) as bar:
+        bar = tqdm(
+            total=len(prompts), desc="Embedding prompts", unit="prompts", disable=not (prompts and self.progress)
+        )
+        with bar:
             for start in range(0, len(prompts), step):
                 batch = prompts[start : start + step]
                 parts.append(

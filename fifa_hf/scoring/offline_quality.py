@@ -170,6 +170,7 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
     """
 
     batch_size = 1024
+    progress = "Scoring prompt quality (offline)"
 
     def __init__(
         self,
@@ -188,7 +189,7 @@ class OfflineQualityScorer(LazyLoaded, QualityScorer):
         self.harm_descriptions = tuple(harm_descriptions)
         self.lexicon_path = Path(lexicon_path or default_lexicon_path())
         self.lexicon = read_lexicon(self.lexicon_path)
-        self.embedder = PromptEmbedder(self.embedding_model, device=device)
+        self.embedder = PromptEmbedder(self.embedding_model, device=device, progress=False)  # the scorer's bar counts
 
     def __repr__(self) -> str:
         return f"OfflineQualityScorer(embedding_model={self.model_tag!r})"
