@@ -252,3 +252,40 @@ def test_a_float16_vae_that_asks_for_float32_encodes_in_float32(tiny_sdxl_path, 
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     trainer = DiffusionDPOTrainer(pipeline, args, train_dataset=pairs, peft_config=lora)
     assert trainer.pipeline.vae.dtype == torch.float32 and trainer.pipeline.unet.dtype == torch.float16
+
+
+@pytest.mark.parametrize("model", ["tiny_sd_path", "tiny_sdxl_path"])
+def test_a_float16_pipeline_trains_a_lora_evaluates_and_samples_its_card(
+    model, pairs, tmp_path, request, tiny_clip_path
+):
+    from peft import LoraConfig
+
+    from fifa_hf.evaluation import GenerationSettings
+    from fifa_hf.evaluation.callback import RewardEvaluationCallback
+    from fifa_hf.pipelines import load_pipeline
+    from fifa_hf.scoring.rewards import CLIPRewardModel
+    from fifa_hf.trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+
+    pipeline = load_pipeline(str(request.getfixturevalue(model)), torch_dtype=torch.float16)
+    args = DiffusionDPOConfig(
+        output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", max_steps=1, resolution=32,
+        card_sample_steps=1, card_sample_prompts=["a red circle"],
+    )  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    trainer = DiffusionDPOTrainer(pipeline, args, train_dataset=pairs, peft_config=lora)
+    reward = CLIPRewardModel(str(tiny_clip_path), device="cpu")
+    callback = RewardEvaluationCallback(
+        trainer,
+        ["a red circle"],
+        [reward],
+        eval_steps=1,
+        settings=GenerationSettings(num_inference_steps=1, resolution=32),
+    )
+    trainer.add_callback(callback)
+    trainer.train()  # the evaluations decode float16 latents, and the VAE encodes in float32
+    assert [step for step, _ in callback.history] == [0, 1]
+    trainer.save_model()  # so do the card's samples
+    assert (tmp_path / "o" / "samples" / "grid.jpg").exists() and "## Samples" in (
+        tmp_path / "o" / "README.md"
+    ).read_text()
+    assert trainer.pipeline.vae.dtype == torch.float32  # encoding stays in float32

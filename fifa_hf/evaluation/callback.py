@@ -65,7 +65,8 @@ class RewardEvaluationCallback(TrainerCallback):
         was_training = unet.training
         unet.eval()
         try:
-            generations = generate(pipeline, self.prompts, directory, self.settings)
+            with self.trainer.decoding_vae():
+                generations = generate(pipeline, self.prompts, directory, self.settings)
             scores = score(generations, self.reward_models)
         finally:
             unet.train(was_training)

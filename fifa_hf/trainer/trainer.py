@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -704,6 +705,17 @@ class DiffusionDPOTrainer(Trainer):
         widget = [(prompt, f"samples/{i}.jpg") for i, prompt in enumerate(prompts)]
         return widget, "samples/grid.jpg", bool(self._before_samples)
 
+    @contextlib.contextmanager
+    def decoding_vae(self) -> Iterator[None]:
+        """The VAE in the model's dtype inside the block, as diffusers' pipelines expect when they decode latents
+        (SDXL's upcasts a ``force_upcast`` VAE itself); outside it, a float16 model's VAE stays in float32 to encode."""
+        vae = self.pipeline.vae
+        vae.to(self._input_dtype)
+        try:
+            yield
+        finally:
+            vae.to(self._vae_dtype)
+
     def _sample(self, unet, prompts: list[str], description: str):
         from fifa_hf.trainer.model_card import sample_images
 
@@ -713,7 +725,7 @@ class DiffusionDPOTrainer(Trainer):
         training = unet.training
         unet.eval()
         try:
-            with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+            with torch.random.fork_rng(devices=[]), self.accelerator.autocast(), self.decoding_vae():
                 return sample_images(pipeline, prompts, self.args.card_sample_steps, self.resolution, self.args.seed)
         finally:
             unet.train(training)
