@@ -321,6 +321,12 @@ def test_resume_from_checkpoint_continues_with_the_same_losses(tiny_sd_path, pai
         ValueError, match=r"checkpoint-2: its LoRA does not fit this run's \(\d+ saved weights have no place"
     ):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    scaled = DiffusionDPOTrainer(  # the same weights' names and shapes, twice their effect
+        str(tiny_sd_path), config(tmp_path / "d", **common), train_dataset=pairs,
+        peft_config=LoraConfig(**{**LORA, "lora_alpha": 8}),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"trained with other settings \(lora_alpha: saved 4, this run 8\)"):
+        scaled.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
 
 def test_a_full_fine_tune_resumes_from_a_sharded_unet_checkpoint(tiny_sd_path, pairs, tmp_path):

@@ -62,6 +62,32 @@ MODEL_FILE_PATTERNS = [
 ]  # fmt: skip
 
 
+# LoRA settings that change what saved weights compute without changing their names or shapes.
+LORA_SCALING_SETTINGS = ("lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+
+
+def check_lora_settings(weights_file: str | os.PathLike, config) -> None:
+    """Refuse a saved LoRA whose settings (kept in its file's metadata) scale its weights otherwise than ``config``:
+    peft would load it without a word, and, say, twice the ``lora_alpha`` doubles the adapter's effect."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), "pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY) or "{}")
+    saved = {key.removeprefix("unet."): value for key, value in metadata.items() if key.startswith("unet.")}
+    current = config.to_dict()
+    differing = [
+        f"{name}: saved {saved[name]!r}, this run {current.get(name)!r}"
+        for name in LORA_SCALING_SETTINGS
+        if name in saved and saved[name] != current.get(name)
+    ]
+    if differing:
+        raise ValueError(
+            f"{weights_file}: the LoRA was trained with other settings ({'; '.join(differing)}). Resume with the "
+            "LoRA settings of the run that saved it."
+        )
+
+
 def load_unet_weights(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Load a ``save_pretrained`` UNet directory's weights into ``unet``, sharded (index file) or not."""
     directory = Path(directory)
@@ -607,7 +633,9 @@ class DiffusionDPOTrainer(Trainer):
             from diffusers.utils import convert_unet_state_dict_to_peft
             from peft.utils import set_peft_model_state_dict
 
-            state = load_file(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME))
+            weights = os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)
+            check_lora_settings(weights, unet.peft_config["default"])
+            state = load_file(weights)
             state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
             loaded = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
             unsaved = [key for key in loaded.missing_keys if "lora_" in key]  # the base weights are never saved
