@@ -287,9 +287,17 @@ def atomic_output_dir(target: str | Path, keep: Callable[[str], bool]) -> Iterat
 
 
 def files_matching(folder: str | Path, patterns: Sequence[str]) -> list[Path]:
-    """The files under ``folder`` that match any of the glob ``patterns``, each once, sorted."""
+    """The files under ``folder`` that match any of the glob ``patterns``, each once, sorted; hidden ones (a name
+    starting with ".", such as a run's scratch files) never match."""
     folder = Path(folder)
-    return sorted({path for pattern in patterns for path in folder.glob(pattern) if path.is_file()})
+    return sorted(
+        {
+            path
+            for pattern in patterns
+            for path in folder.glob(pattern)
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        }
+    )
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:

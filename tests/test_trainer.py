@@ -512,3 +512,28 @@ def test_a_dora_run_resumes_with_the_same_losses(tiny_sd_path, pairs, tmp_path):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         runs.append(losses(trainer))
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+def test_each_node_hands_its_latent_cache_to_its_processes_through_its_own_file(tmp_path, monkeypatch):
+    import contextlib
+
+    from fifa_hf.trainer import latent_cache
+
+    seen_at_the_barrier = []
+
+    class SecondNodesMainProcess:  # global rank 2 of 4: the first process of the second node, output_dir shared
+        num_processes, process_index, local_process_index, is_local_main_process = 4, 2, 0, True
+        local_main_process_first = staticmethod(contextlib.nullcontext)
+
+        def wait_for_everyone(self):
+            seen_at_the_barrier.extend(os.listdir(tmp_path))
+
+    monkeypatch.setattr(latent_cache, "PartialState", SecondNodesMainProcess)
+    built = latent_cache.LatentCache(
+        latent_parameters={False: torch.zeros(1, 2, 8, 4, 4)}, crop_top_lefts={False: torch.zeros(1, 2)},
+        original_sizes=torch.zeros(1, 2), prompt_index=torch.zeros(1, dtype=torch.long),
+        prompt_embeds=torch.zeros(1, 4, 8), empty_prompt_embeds=torch.zeros(1, 4, 8),
+    )  # fmt: skip
+    assert latent_cache.shared_latent_cache(lambda: built, str(tmp_path), "latent-cache-train") is built
+    assert seen_at_the_barrier == [".latent-cache-train-node2.safetensors"]  # the first node's is "-node0"
+    assert os.listdir(tmp_path) == []  # removed once every process has read it

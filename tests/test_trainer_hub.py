@@ -63,6 +63,7 @@ def test_push_to_hub_in_the_args_commits_weights_and_card_at_every_save_without_
     )  # fmt: skip
     trainer = DiffusionDPOTrainer(str(model), args, train_dataset=pairs, peft_config=LoraConfig(**LORA))
     trainer.train()
+    (out / ".latent-cache-train-node0.safetensors").write_bytes(b"a killed run's scratch file")  # never published
     trainer.save_model()  # as a user would: with push_to_hub in the args it also pushes
     trainer._finish_current_push()
 

@@ -168,15 +168,18 @@ def build_latent_cache(
     )
 
 
-def shared_latent_cache(build: Callable[[], LatentCache], exchange_file: str) -> LatentCache:
+def shared_latent_cache(build: Callable[[], LatentCache], directory: str, name: str) -> LatentCache:
     """Run ``build`` on the local main process only; the other local processes load its result.
 
-    ``exchange_file`` is written fresh by this run (never reused from an earlier one) and removed once every
-    process has read it.
+    The exchange file, ``.{name}-node<first rank of the node>.safetensors`` in ``directory`` (one per node, so nodes
+    sharing ``directory`` never collide), is written fresh by this run (never reused from an earlier one) and
+    removed once every process has read it.
     """
     state = PartialState()
     if state.num_processes == 1:
         return build()
+    node = state.process_index - state.local_process_index
+    exchange_file = os.path.join(directory, f".{name}-node{node}.safetensors")
     with state.local_main_process_first():
         if state.is_local_main_process:
             cache = build()

@@ -331,8 +331,7 @@ class DiffusionDPOTrainer(Trainer):
                 if dataset is not None:
                     flips = (False, True) if mode == "train" and not args.no_hflip else (False,)
                     build = functools.partial(self._build_cache, dataset, flips, mode)
-                    exchange = os.path.join(args.output_dir, f".latent-cache-{mode}.safetensors")
-                    self._caches[mode] = shared_latent_cache(build, exchange)
+                    self._caches[mode] = shared_latent_cache(build, args.output_dir, f"latent-cache-{mode}")
 
     def train(self, *args, **kwargs):
         """``Trainer.train``, without two walks over every UNet module at every step: the UNet's ``train()`` returns
