@@ -115,6 +115,21 @@ def test_center_crops_of_wide_and_tall_images_and_where_a_flipped_crop_sits():
     assert size == (80, 96) and crop == (0, 4) and halved.shape == (3, 40, 40)  # scaled to 48 x 40 first
 
 
+def test_a_rejected_image_of_another_shape_is_cropped_at_the_same_place_never_squashed():
+    square, tall = coordinates(40, 40), coordinates(40, 60)  # e.g. a 512 x 512 and a 512 x 768 image
+    chosen, rejected, size, crop = crop_pair(square, tall, 40, random_crop=False, flip=False)
+    assert (size, crop, column_row(chosen)) == ((40, 40), (0, 0), (0, 0))
+    assert column_row(rejected) == (0, 10) and column_row(rejected, row=39) == (0, 49)  # its centre, at full scale
+    _, rejected, _, _ = crop_pair(tall, square, 40, random_crop=False, flip=False)
+    assert column_row(rejected) == (0, 0) and column_row(rejected, row=39) == (0, 39)  # the whole square, unstretched
+    wide, wider = coordinates(48, 40), coordinates(56, 40)  # 8 and 16 columns to spare
+    for seed in range(16):  # a random crop: the same relative place
+        chosen, rejected, _, (top, left) = crop_pair(
+            wide, wider, 40, random_crop=True, flip=False, generator=torch.Generator().manual_seed(seed)
+        )
+        assert column_row(chosen) == (left, 0) and column_row(rejected) == (2 * left, 0)
+
+
 def test_random_crops_stay_inside_the_image_cover_it_and_repeat_with_the_generator():
     wide = coordinates(48, 40)
     lefts = []

@@ -31,26 +31,42 @@ def crop_pair(
     flip: bool,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Resize the shorter side to ``resolution``, then one crop and one flip for both images.
+    """Resize each image's shorter side to ``resolution``, then one crop and one flip for both images.
 
-    Returns both tensors, the chosen image's original (height, width) and the crop's (top, left),
-    which SDXL's micro-conditioning needs.
+    The crop sits at the same place in both; an image of another aspect ratio than the chosen one (never
+    squashed to its size) is cropped at the same relative place. Returns both tensors, the chosen image's
+    original (height, width) and the crop's (top, left), which SDXL's micro-conditioning needs.
     """
     original_size = (chosen.height, chosen.width)
-    scale = resolution / min(chosen.size)
-    size = (max(resolution, round(chosen.width * scale)), max(resolution, round(chosen.height * scale)))
-    chosen, rejected = chosen.resize(size, Image.BILINEAR), rejected.resize(size, Image.BILINEAR)
+    chosen, rejected = _shorter_side_to(chosen, resolution), _shorter_side_to(rejected, resolution)
+    slack_height, slack_width = chosen.height - resolution, chosen.width - resolution
     if random_crop:
-        top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator).item())
-        left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator).item())
+        top = int(torch.randint(0, slack_height + 1, (), generator=generator).item())
+        left = int(torch.randint(0, slack_width + 1, (), generator=generator).item())
     else:
-        top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
-    box = (left, top, left + resolution, top + resolution)
-    chosen, rejected = chosen.crop(box), rejected.crop(box)
+        top, left = slack_height // 2, slack_width // 2
+    chosen = chosen.crop((left, top, left + resolution, top + resolution))
+    rejected_top = _same_place(top, slack_height, rejected.height - resolution)
+    rejected_left = _same_place(left, slack_width, rejected.width - resolution)
+    rejected = rejected.crop((rejected_left, rejected_top, rejected_left + resolution, rejected_top + resolution))
     if flip:
         chosen, rejected = chosen.transpose(Image.FLIP_LEFT_RIGHT), rejected.transpose(Image.FLIP_LEFT_RIGHT)
-        left = size[0] - resolution - left  # where the crop sits in the flipped image
+        left = slack_width - left  # where the crop sits in the flipped image
     return _to_tensor(chosen), _to_tensor(rejected), original_size, (top, left)
+
+
+def _shorter_side_to(image: Image.Image, resolution: int) -> Image.Image:
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    return image.resize(size, Image.BILINEAR)
+
+
+def _same_place(offset: int, slack: int, other_slack: int) -> int:
+    """The offset in an image with ``other_slack`` pixels to spare at the relative place ``offset`` has in one with
+    ``slack`` (the centre when that one has none)."""
+    if other_slack == slack:
+        return offset
+    return round(offset / slack * other_slack) if slack else other_slack // 2
 
 
 class SharedEpoch:
