@@ -14,7 +14,6 @@ from fifa_hf.evaluation.generation import Generation, GenerationSettings, genera
 from fifa_hf.evaluation.prompts import load_prompts
 from fifa_hf.evaluation.report import image_grid, markdown_table
 from fifa_hf.evaluation.scoring import compare, score
-from fifa_hf.pipelines import load_pipeline
 from fifa_hf.progress import quiet_loading
 from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, LORA_FILES, resolve_hub_reference
 from fifa_hf.scoring.rewards import load_reward_model
@@ -86,6 +85,8 @@ def _split(text: str | None) -> list[str] | None:
 
 def load_for_evaluation(model: str, lora: str | None, device: str, dtype: str):
     """A pipeline on ``device`` in ``dtype``, with a diffusers-format LoRA loaded when given."""
+    from fifa_hf.pipelines import load_pipeline  # here: scoring saved images must not import diffusers
+
     with quiet_loading():
         pipeline = load_pipeline(model, torch_dtype=getattr(torch, dtype)).to(device)  # no float32 copy on the device
         if lora:
