@@ -462,7 +462,9 @@ class FiFAFilter:
         report.steps.append(self._step("margin", scores, before=margin_failed | (scores["drop_reason"] == "")))
 
         kept = scores["drop_reason"] == ""
-        if len(scores) and not kept.any():  # nothing to select from: do not replace an output with an empty subset
+        if not len(scores):
+            raise InputError(f"The source has no rows (split {self.config.split!r}). Nothing was written.")
+        if not kept.any():  # nothing to select from: do not replace an output with an empty subset
             errors = scores["margin_error"].fillna("")
             example = errors[errors != ""].iloc[0] if (errors != "").any() else scores["drop_reason"].iloc[0]
             raise InputError(

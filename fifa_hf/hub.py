@@ -22,6 +22,7 @@ from typing import Any
 import datasets
 import pandas as pd
 import yaml
+from datasets.features.features import require_storage_embed
 from datasets.table import embed_table_storage
 
 from fifa_hf.cards import dataset_card, pairs_grid, signal_histograms
@@ -97,7 +98,10 @@ def write_subset(output_dir: str | Path, subset: datasets.Dataset, scores: pd.Da
 def embedded(rows: datasets.Dataset) -> datasets.Dataset:
     """``rows`` with every image or audio cell that refers to a local file holding that file's bytes (and only its
     name), as ``Dataset.push_to_hub`` writes them: ``to_parquet`` keeps the reference, an absolute local path that
-    no one else can load."""
+    no one else can load. Rows without such features (Pick-a-Pic's images are plain bytes) are returned as they
+    are, still memory-mapped; the others are embedded in memory."""
+    if not any(require_storage_embed(feature) for feature in rows.features.values()):
+        return rows
     arrow = rows.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True)
     return arrow.with_format(**rows.format)
 

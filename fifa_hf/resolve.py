@@ -92,7 +92,12 @@ def hub_dataset_commit(reference: str, flag: str, revision: str | None = None) -
     snapshot = resolve_hub_reference(
         reference, flag, repo_type="dataset", revision=revision, allow_patterns=["README.md"]
     )
-    return None if is_local else hub_snapshot(snapshot)[1]
+    if is_local:
+        return None
+    found = hub_snapshot(snapshot)
+    return (
+        found[1] if found else Path(snapshot).name
+    )  # an id without an owner (`imdb`): datasets--imdb/snapshots/<commit>
 
 
 def resolve_hub_reference(

@@ -570,6 +570,8 @@ def test_images_referenced_by_local_path_are_published_as_bytes_without_the_path
     import datasets
     import pyarrow.parquet as pq
 
+    from fifa_hf.hub import embedded
+
     rows = load_from_disk(str(synthetic_source(tmp_path / "rows", 16))).to_dict()
     for column in ("jpg_0", "jpg_1"):  # an image folder's dataset: each cell names a file on this machine
         for index, image in enumerate(rows[column]):
@@ -586,6 +588,8 @@ def test_images_referenced_by_local_path_are_published_as_bytes_without_the_path
         for column in ("jpg_0", "jpg_1"):
             assert row[column]["bytes"] == (tmp_path / row[column]["path"]).read_bytes()  # the file itself, by name
     assert str(tmp_path) not in published_text(tmp_path / "out")
+    plain = load_from_disk(str(tmp_path / "rows"))  # images as bytes, Pick-a-Pic's way: nothing to embed
+    assert embedded(plain) is plain  # written from the memory-mapped files, never copied into memory
 
 
 def test_a_source_without_one_scorable_pair_fails_and_writes_nothing(tmp_path):
@@ -612,3 +616,13 @@ def test_pairs_a_full_prompt_kept_out_are_reported_as_capped_even_when_k_is_not_
     report = FilterReport()
     finish_report(report, apply_selection(scores, config), config)
     assert report.selected == 2 and report.not_selected == {"max_pairs_per_prompt": 1}  # not "below_cutoff"
+
+
+def test_an_empty_streamed_source_fails_and_writes_nothing(tmp_path):
+    import datasets
+
+    features = load_from_disk(str(synthetic_source(tmp_path / "rows", 16))).features
+    no_rows = datasets.IterableDataset.from_generator(lambda: iter(()), features=features)  # a split left empty
+    with pytest.raises(InputError, match=r"The source has no rows \(split 'train'\)"):
+        FiFAFilter(cheap_config(tmp_path / "unused", tmp_path / "out")).run(no_rows)
+    assert not (tmp_path / "out" / "data").exists()
