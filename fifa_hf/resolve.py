@@ -94,10 +94,8 @@ def hub_dataset_commit(reference: str, flag: str, revision: str | None = None) -
     )
     if is_local:
         return None
-    found = hub_snapshot(snapshot)
-    return (
-        found[1] if found else Path(snapshot).name
-    )  # an id without an owner (`imdb`): datasets--imdb/snapshots/<commit>
+    found = hub_snapshot(snapshot)  # None for an id without an owner (`imdb`): datasets--imdb/snapshots/<commit>
+    return found[1] if found else Path(snapshot).name
 
 
 def resolve_hub_reference(
