@@ -76,12 +76,14 @@ def strict_json(value: Any, indent: int | None = 2, default: Callable[[Any], Any
 
 
 def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):  # numpy scalars and arrays, 0-d ones too, as Python values
+        value = value.tolist()
     if isinstance(value, dict):
         return {key: _finite_or_null(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_finite_or_null(item) for item in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     return value
 
 
