@@ -111,6 +111,13 @@ def test_a_lora_that_changes_images_changes_the_scores(tmp_path, tiny_sd_path, t
     baseline = np.array([r["baseline_scores"]["tiny-clip"] for r in results["images"]])
     assert np.abs(model - baseline).max() > 1e-4
     assert results["rewards"]["tiny-clip"]["win_rate"]["ties"] < 3
+    assert results["generation"]["source"]["lora"].startswith("sha256:")  # the LoRA by its weights, not its path
+
+    pipeline.unet.set_adapters("default")  # the LoRA retrained in place: other weights, the same path
+    layers = {key: value * 2 for key, value in layers.items()}
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=layers)
+    with pytest.raises(ValueError, match=r"images generated with other settings \(source differ"):
+        evaluate_cli(tmp_path, tiny_sd_path, prompts, f"clip:{tiny_clip_path}", "--lora", str(tmp_path / "lora"))
 
 
 def test_generation_resumes_and_refuses_other_settings(tmp_path, tiny_sd_path):

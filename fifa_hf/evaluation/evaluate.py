@@ -17,7 +17,7 @@ from fifa_hf.evaluation.scoring import compare, score
 from fifa_hf.progress import quiet_loading
 from fifa_hf.resolve import DIFFUSERS_PIPELINE_FILES, LORA_FILES, resolve_hub_reference
 from fifa_hf.scoring.rewards import load_reward_model
-from fifa_hf.storage import strict_json
+from fifa_hf.storage import model_identity, strict_json
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -112,7 +112,9 @@ def _resolve_arm(name: str, model: str, lora: str | None, model_flag: str, lora_
 def _generate(arm: _Arm, prompts: list[str], output_dir: Path, args: EvaluateArguments, device: str):
     pipeline = load_for_evaluation(arm.model, arm.lora, device, args.dtype)
     directory = output_dir / "images" / arm.name
-    source = {"model": arm.model, "lora": arm.lora}
+    # By weights (Hub commit or file digest), not path: a LoRA retrained in place must not resume on the old
+    # one's images, and no local path is written.
+    source = {"model": model_identity(arm.model), "lora": model_identity(arm.lora)}
     generations = generate(
         pipeline,
         prompts,
