@@ -156,6 +156,16 @@ def test_bootstrap_interval_and_summary_on_hand_made_scores():
     assert (summary["mean"], summary["median"], summary["n"], summary["n_missing"]) == (4.0, 2.5, 4, 1)
 
 
+def test_images_of_one_prompt_are_resampled_together():
+    per_prompt = np.random.default_rng(0).normal(size=50)
+    two_alike_images_each = np.repeat(per_prompt, 2)  # a prompt's images move together
+    prompts = np.repeat(np.arange(50), 2)
+    assert bootstrap_interval(two_alike_images_each, groups=prompts) == pytest.approx(bootstrap_interval(per_prompt))
+    narrow_low, narrow_high = bootstrap_interval(two_alike_images_each)  # as if 100 independent images
+    low, high = bootstrap_interval(two_alike_images_each, groups=prompts)
+    assert (narrow_high - narrow_low) / (high - low) == pytest.approx(1 / np.sqrt(2), rel=0.15)
+
+
 def test_win_rate_counts_ties_as_half_per_prompt():
     model = per_prompt_means([1.0, 3.0, 2.0, 2.0, 5.0, float("nan")], [0, 0, 1, 1, 2, 3])
     baseline = per_prompt_means([0.0, 2.0, 6.0, 6.0], [0, 1, 2, 3])

@@ -214,7 +214,8 @@ def _write_markdown(output_dir: Path, results: dict[str, Any]) -> None:
         "",
         markdown_table(results["rewards"]),
         "",
-        "Intervals: percentile bootstrap of the mean over images (2,000 resamples). Win rate: share of prompts "
+        "Intervals: percentile bootstrap of the mean over images, resampling prompts (a prompt's images move "
+        "together; 2,000 resamples). Win rate: share of prompts "
         "whose mean score is higher for the model than for the baseline, ties counted as half.",
         "",
         "![model beside baseline](grid.png)",

@@ -49,13 +49,12 @@ def compare(
     prompt_ids = [g.prompt_index for g in generations]
     results = {}
     for name, values in scores.items():
-        entry = {"model": summarize(values)}
+        entry = {"model": summarize(values, groups=prompt_ids)}
         if baseline_scores is not None and baseline_generations is not None:
-            baseline_values = baseline_scores[name]
-            entry["baseline"] = summarize(baseline_values)
+            baseline_values, baseline_ids = baseline_scores[name], [g.prompt_index for g in baseline_generations]
+            entry["baseline"] = summarize(baseline_values, groups=baseline_ids)
             entry["win_rate"] = win_rate(
-                per_prompt_means(values, prompt_ids),
-                per_prompt_means(baseline_values, [g.prompt_index for g in baseline_generations]),
+                per_prompt_means(values, prompt_ids), per_prompt_means(baseline_values, baseline_ids)
             )
         results[name] = entry
     return results

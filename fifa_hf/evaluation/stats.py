@@ -8,25 +8,41 @@ import numpy as np
 
 
 def bootstrap_interval(
-    values: Sequence[float], confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0
+    values: Sequence[float],
+    confidence: float = 0.95,
+    num_resamples: int = 2000,
+    seed: int = 0,
+    groups: Sequence[int] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (NaN values ignored)."""
+    """Percentile bootstrap interval of the mean (NaN values ignored).
+
+    With ``groups`` (e.g. each image's prompt), whole groups are resampled: the images of one prompt move
+    together, and resampling them one by one would make the interval too narrow.
+    """
     values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
+    finite = np.isfinite(values)
+    groups = np.arange(len(values)) if groups is None else np.asarray(groups)
+    values, groups = values[finite], groups[finite]
     if len(values) == 0:
         return (float("nan"), float("nan"))
+    _, group_index = np.unique(groups, return_inverse=True)
+    sums, counts = np.bincount(group_index, weights=values), np.bincount(group_index)
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(num_resamples, len(values)))].mean(axis=1)
+    drawn = rng.integers(0, len(sums), size=(num_resamples, len(sums)))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return (float(low), float(high))
 
 
-def summarize(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """Mean, median and bootstrap interval of the finite values, and how many were not finite."""
+def summarize(
+    values: Sequence[float], confidence: float = 0.95, seed: int = 0, groups: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Mean, median and bootstrap interval (resampling ``groups`` whole, if given) of the finite values, and how
+    many were not finite."""
     values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
-    low, high = bootstrap_interval(finite, confidence, seed=seed)
+    low, high = bootstrap_interval(values, confidence, seed=seed, groups=groups)
     return {
         "mean": float(finite.mean()) if len(finite) else float("nan"),
         "median": float(np.median(finite)) if len(finite) else float("nan"),
