@@ -600,7 +600,18 @@ def reselect(scores_dir: str | Path, output_dir: str | Path, **overrides: Any) -
     The source rows are read from ``dataset_name`` if given, else from where the filter read them.
     """
     scores_dir = Path(scores_dir)
-    config = FiFAConfig.from_yaml(scores_dir / "fifa_config.yaml", output_dir=str(output_dir), **overrides)
+    missing = [
+        name for name in ("fifa_config.yaml", "scores.parquet", "report.json") if not (scores_dir / name).exists()
+    ]
+    if missing:
+        raise InputError(
+            f"--scores {scores_dir} is not the output directory of a finished `fifa-hf filter` run (it has no "
+            f"{', '.join(missing)})."
+        )
+    try:
+        config = FiFAConfig.from_yaml(scores_dir / "fifa_config.yaml", output_dir=str(output_dir), **overrides)
+    except ValueError as error:  # a setting given to select that the config refuses
+        raise InputError(str(error)) from error
     local_source = scores_dir / LOCAL_SOURCE_FILE
     if overrides.get("dataset_name") is None and local_source.exists():
         config.dataset_name = json.loads(local_source.read_text())["dataset_name"]

@@ -111,3 +111,45 @@ def test_mistakes_on_the_command_line_are_usage_errors_without_a_traceback(tmp_p
     (tmp_path / "notes.txt").write_text("mine")
     message = usage_error(["filter", "--dataset_name", "rows", "--output_dir", str(tmp_path), "--method", "margin"])
     assert "is not empty and not a fifa-hf output (it holds notes.txt)" in message and "Traceback" not in message
+
+
+def exits_with_usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    return error
+
+
+def test_a_mistake_in_select_exits_2_naming_it(tmp_path, capsys):
+    main(["synthetic", "--num_pairs", "24", "--output_dir", str(tmp_path / "rows")])
+    main([
+        "filter", "--dataset_name", str(tmp_path / "rows"), "--output_dir", str(tmp_path / "filtered"),
+        "--reward_type", "precomputed", "--reward_columns", "true_reward_0,true_reward_1", "--method", "margin",
+        "--alpha", "0", "--k", "4",
+    ])  # fmt: skip
+    not_filtered = ["select", "--scores", str(tmp_path / "rows"), "--output_dir", str(tmp_path / "o")]
+    assert "is not the output directory of a finished `fifa-hf filter` run" in exits_with_usage_error(
+        not_filtered, capsys
+    )
+    bogus = [
+        "select",
+        "--scores",
+        str(tmp_path / "filtered"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--method",
+        "bogus",
+    ]
+    assert "method must be one of" in exits_with_usage_error(bogus, capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", "pickscore", "--category", "Animalz"], "Unknown PartiPrompts"),
+        (["--reward", "nosuch"], "Unknown reward"),
+    ],
+)
+def test_a_mistake_in_evaluate_exits_2_naming_it_before_any_model_loads(flags, message, capsys):
+    assert message in exits_with_usage_error(["evaluate", "--model_name_or_path", "x", *flags], capsys)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fifa_hf.errors import InputError
 from fifa_hf.evaluation.generation import Generation, GenerationSettings, generate
 from fifa_hf.evaluation.prompts import load_prompts
 from fifa_hf.evaluation.report import image_grid, markdown_table
@@ -142,7 +143,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     prompts = load_prompts(args.prompts, _split(args.category), _split(args.challenge), args.max_prompts)
     rewards = [load_reward_model(spec, device=device) for spec in _split(args.reward) or []]
     if not rewards:
-        raise ValueError("Give at least one reward model with --reward.")
+        raise InputError("Give at least one reward model with --reward.")
     for reward in rewards:
         reward.resolve("--reward")
     arms = [_resolve_arm("model", args.model_name_or_path, args.lora, "--model_name_or_path", "--lora")]
@@ -157,7 +158,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
             )
         )
     elif args.baseline_lora:
-        raise ValueError("--baseline_lora needs --baseline_model_name_or_path (the pipeline to load it on).")
+        raise InputError("--baseline_lora needs --baseline_model_name_or_path (the pipeline to load it on).")
 
     generated = [_generate(arm, prompts, output_dir, args, device) for arm in arms]
     everything = [g for generations, _ in generated for g in generations]

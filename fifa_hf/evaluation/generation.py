@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fifa_hf.errors import InputError
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -97,7 +99,7 @@ def generate(
             k for k in set(previous) | set(record) if k != "batch_size" and previous.get(k) != record.get(k)
         )
         if changed:
-            raise ValueError(
+            raise InputError(
                 f"{output_dir} holds images generated with other settings ({', '.join(changed)} differ); "
                 "use another output_dir."
             )

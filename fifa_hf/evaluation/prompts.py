@@ -7,6 +7,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from fifa_hf.errors import InputError
 from fifa_hf.resolve import resolve_hub_reference, resolve_local_path
 
 PICKAPIC_TEST_UNIQUE = "yuvalkirstain/pickapic_v2@test_unique:caption"
@@ -24,7 +25,7 @@ def partiprompts(category: str | list[str] | None = None, challenge: str | list[
     for column, wanted in (("Category", categories), ("Challenge", challenges)):
         unknown = set(wanted or ()) - known[column]
         if unknown:
-            raise ValueError(f"Unknown PartiPrompts {column} {sorted(unknown)}; choose from {sorted(known[column])}.")
+            raise InputError(f"Unknown PartiPrompts {column} {sorted(unknown)}; choose from {sorted(known[column])}.")
     return [
         row["Prompt"]
         for row in rows
@@ -40,7 +41,7 @@ def _from_file(path: Path) -> list[str]:
             rows = list(csv.DictReader(handle, delimiter="\t"))
         column = next((c for c in ("Prompt", "prompt", "caption") if rows and c in rows[0]), None)
         if column is None:
-            raise ValueError(f"{path} needs a 'Prompt', 'prompt' or 'caption' column.")
+            raise InputError(f"{path} needs a 'Prompt', 'prompt' or 'caption' column.")
         return [row[column] for row in rows]
     if path.suffix == ".jsonl":
         prompts = []
@@ -49,10 +50,10 @@ def _from_file(path: Path) -> list[str]:
                 record = json.loads(line)
                 prompt = record.get("prompt", record.get("caption"))
                 if not isinstance(prompt, str):
-                    raise ValueError(f"{path}:{number} has no string 'prompt' or 'caption'.")
+                    raise InputError(f"{path}:{number} has no string 'prompt' or 'caption'.")
                 prompts.append(prompt)
         return prompts
-    raise ValueError(f"Prompt files must be .txt, .tsv or .jsonl, got {path}.")
+    raise InputError(f"Prompt files must be .txt, .tsv or .jsonl, got {path}.")
 
 
 def _from_hub(spec: str) -> list[str]:
@@ -83,7 +84,7 @@ def load_prompts(
     if spec == "partiprompts":
         prompts = partiprompts(category, challenge)
     elif category or challenge:
-        raise ValueError("category and challenge filter PartiPrompts only.")
+        raise InputError("category and challenge filter PartiPrompts only.")
     elif Path(spec).is_file():
         prompts = _from_file(Path(spec))
     elif Path(spec).suffix in PROMPT_FILE_SUFFIXES:
@@ -91,11 +92,11 @@ def load_prompts(
     elif ":" in spec:
         prompts = _from_hub(spec)
     else:
-        raise ValueError(
+        raise InputError(
             f"Unknown prompt set {spec!r}: use 'partiprompts', 'pickapic', a .txt/.tsv/.jsonl file "
             "or '<hub dataset>[@split]:<column>'."
         )
     unique = list(dict.fromkeys(p.strip() for p in prompts if isinstance(p, str) and p.strip()))
     if not unique:
-        raise ValueError(f"No prompts in {spec!r}.")
+        raise InputError(f"No prompts in {spec!r}.")
     return unique[:max_prompts] if max_prompts else unique

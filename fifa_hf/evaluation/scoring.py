@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from fifa_hf.errors import InputError
 from fifa_hf.evaluation.generation import Generation
 from fifa_hf.evaluation.stats import per_prompt_means, summarize, win_rate
 from fifa_hf.progress import quiet_loading
@@ -25,7 +26,7 @@ def score(
     """
     names = [reward.name for reward in reward_models]
     if len(set(names)) != len(names):
-        raise ValueError(f"Reward models need distinct names, got {names}; pass name= to tell them apart.")
+        raise InputError(f"Reward models need distinct names, got {names}; pass name= to tell them apart.")
     scores = {name: np.empty(len(generations), dtype=np.float64) for name in names}
     bar = tqdm(total=len(generations), desc=f"Scoring images ({', '.join(names)})", unit="image", disable=not progress)
     with bar, quiet_loading(("transformers",)):  # reward models load through transformers

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fifa_hf.errors import InputError
 from fifa_hf.resolve import (
     PROCESSOR_FILES,
     TRANSFORMERS_MODEL_FILES,
@@ -348,7 +349,7 @@ def load_reward_model(spec: str, device: str | None = None, dtype: str = "float3
     registered = {point.name: point for point in entry_points(group=REWARD_ENTRY_POINTS)}
     if kind in registered and not rest:
         return registered[kind].load()()
-    raise ValueError(
+    raise InputError(
         f"Unknown reward {spec!r}: use pickscore, clip:<model>, open_clip:<arch>[:<checkpoint>], open_clip:local-dir:<dir>, "
         f"hpsv2:<checkpoint> or a registered name ({', '.join(sorted(registered)) or 'none installed'})."
     )
