@@ -149,6 +149,8 @@ def test_a_mistake_in_select_exits_2_naming_it(tmp_path, capsys):
     [
         (["--reward", "pickscore", "--category", "Animalz"], "Unknown PartiPrompts"),
         (["--reward", "nosuch"], "Unknown reward"),
+        (["--max_prompts", "0"], "--max_prompts must be at least 1, got 0"),  # it evaluated every prompt
+        (["--num_images_per_prompt", "0"], "--num_images_per_prompt must be at least 1, got 0"),
     ],
 )
 def test_a_mistake_in_evaluate_exits_2_naming_it_before_any_model_loads(flags, message, capsys):

@@ -68,6 +68,11 @@ class EvaluateArguments:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        counts = {"num_images_per_prompt": self.num_images_per_prompt, "batch_size": self.batch_size,
+                  "num_inference_steps": self.num_inference_steps, "max_prompts": self.max_prompts}  # fmt: skip
+        for name, value in counts.items():
+            if value is not None and value < 1:  # max_prompts 0 evaluated every prompt, -3 all but the last 3
+                raise ValueError(f"--{name} must be at least 1, got {value}.")
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(
