@@ -186,11 +186,17 @@ def test_partiprompts_ship_with_the_package_and_filter():
         partiprompts(category="Dinosaurs")
 
 
-def test_prompt_files_and_hub_datasets(tmp_path, prompt_file):
+def test_prompt_files_and_hub_datasets(tmp_path, prompt_file, caplog):
     assert load_prompts(str(prompt_file)) == PROMPTS
     jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a"}\n{"caption": "b"}\n')
-    assert load_prompts(str(jsonl)) == ["a", "b"]
+    jsonl.write_text('{"prompt": "a"}\n{"caption": "b"}\n{"prompt": "a"}\n{"prompt": " "}\n')
+    with caplog.at_level("INFO", logger="fifa_hf"):
+        assert load_prompts(str(jsonl)) == ["a", "b"]
+    assert "2 of 4 prompts skipped (empty, not text, or repeated)" in caplog.text  # counted, not silently lost
+    for line, problem in (('["a list"]', "has no string 'prompt' or 'caption'"), ("{'prompt': 1", "is not JSON")):
+        jsonl.write_text('{"prompt": "a"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"p.jsonl:2 {problem}"):
+            load_prompts(str(jsonl))
     tsv = tmp_path / "p.tsv"
     tsv.write_text("id\tcaption\n1\tc\n2\td\n")
     assert load_prompts(str(tsv)) == ["c", "d"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
 from fifa_hf.errors import InputError
 from fifa_hf.resolve import resolve_hub_reference, resolve_local_path
+
+logger = logging.getLogger(__name__)
 
 PICKAPIC_TEST_UNIQUE = "yuvalkirstain/pickapic_v2@test_unique:caption"
 PROMPT_FILE_SUFFIXES = (".txt", ".tsv", ".jsonl")
@@ -47,8 +50,11 @@ def _from_file(path: Path) -> list[str]:
         prompts = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
-                record = json.loads(line)
-                prompt = record.get("prompt", record.get("caption"))
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number} is not JSON ({error.msg}).") from error
+                prompt = record.get("prompt", record.get("caption")) if isinstance(record, dict) else None
                 if not isinstance(prompt, str):
                     raise InputError(f"{path}:{number} has no string 'prompt' or 'caption'.")
                 prompts.append(prompt)
@@ -99,4 +105,11 @@ def load_prompts(
     unique = list(dict.fromkeys(p.strip() for p in prompts if isinstance(p, str) and p.strip()))
     if not unique:
         raise InputError(f"No prompts in {spec!r}.")
+    if len(unique) < len(prompts):
+        logger.info(
+            "%s: %d of %d prompts skipped (empty, not text, or repeated).",
+            spec,
+            len(prompts) - len(unique),
+            len(prompts),
+        )
     return unique[:max_prompts] if max_prompts else unique
