@@ -45,7 +45,8 @@ def test_a_large_activation_comes_from_the_heap_and_stays_there_once_freed():
     applied, mapped, kept = allocator_account("default")
     assert mapped >= 64 * MB and kept < 64 * MB  # mapped afresh, unmapped when freed: page faults every time
     applied, mapped, kept = allocator_account("retain")
-    assert applied == "True" and mapped < 64 * MB and kept >= 64 * MB  # reused by the next activation
+    # reused by the next activation (the heap grows by the activation less the free space it already had at its top)
+    assert applied == "True" and mapped < 64 * MB and kept >= 60 * MB
 
 
 @glibc
