@@ -541,9 +541,10 @@ def load_source(
             raise ResolutionError("--dataset_revision applies to Hub datasets; --dataset_name is a file pattern.")
         if not glob.glob(os.path.expanduser(dataset_name)):
             raise ResolutionError(f"--dataset_name: no file matches {dataset_name!r}.")
-        return load_preference_dataset(os.path.expanduser(dataset_name), split, streaming=streaming), None
-    commit = hub_dataset_commit(dataset_name, "--dataset_name", revision)
-    if commit is None:
+        commit = None
+    else:
+        commit = hub_dataset_commit(dataset_name, "--dataset_name", revision)
+    if commit is None:  # local rows
         return load_preference_dataset(os.path.expanduser(dataset_name), split, streaming=streaming), None
     return load_preference_dataset(dataset_name, split, streaming=streaming, revision=commit), commit
 
