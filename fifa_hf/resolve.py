@@ -24,7 +24,6 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from fifa_hf.errors import InputError
-from fifa_hf.storage import hub_snapshot
 
 # What to download of a Hub repo (``allow_patterns``): only the files the loaders read, not the single-file
 # checkpoints, fp16/non-EMA variants, .bin duplicates or the safety checker that big repos also hold.
@@ -92,10 +91,7 @@ def hub_dataset_commit(reference: str, flag: str, revision: str | None = None) -
     snapshot = resolve_hub_reference(
         reference, flag, repo_type="dataset", revision=revision, allow_patterns=["README.md"]
     )
-    if is_local:
-        return None
-    found = hub_snapshot(snapshot)  # None for an id without an owner (`imdb`): datasets--imdb/snapshots/<commit>
-    return found[1] if found else Path(snapshot).name
+    return None if is_local else Path(snapshot).name  # the cache's snapshots/<commit>, with an owner or without
 
 
 def resolve_hub_reference(
